@@ -1,0 +1,110 @@
+"""Training arguments that accept any registered optimizer name and typed ``optim_args``."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .compat import check_arguments
+from .options import parse_optim_args
+from .registry import REGISTRY, ResolvedOptimizer
+
+#: the placeholder handed to transformers' own ``OptimizerNames`` check during ``__post_init__``
+_ENUM_PLACEHOLDER = "adamw_torch"
+
+
+@dataclass(frozen=True)
+class OptimizerChoice:
+    """The resolved optimizer and its parsed options, attached to training arguments."""
+
+    resolved: ResolvedOptimizer
+    #: typed options; ``None`` when transformers' own handler builds the optimizer (it parses them)
+    options: dict[str, Any] | None
+
+    @property
+    def is_transformers_fallback(self) -> bool:
+        return self.resolved.provenance.distribution == "transformers"
+
+
+def choose_optimizer(args: Any) -> OptimizerChoice:
+    """Resolve ``args.optim`` and parse ``args.optim_args`` (cached on ``args``).
+
+    Works for any ``TrainingArguments`` (plain ones too), so a user may keep their own arguments.
+    Raises the errors of :mod:`optitrainer.errors` with the fix in the message.
+    """
+    requested = str(getattr(args.optim, "value", args.optim))
+    cached = getattr(args, "_optitrainer_choice", None)
+    if cached is not None and cached[0] == (requested, repr(args.optim_args)):
+        return cached[1]
+    resolved = REGISTRY.resolve(requested)
+    if resolved.provenance.distribution == "transformers":
+        options = None
+    else:
+        options = parse_optim_args(resolved.spec, args.optim_args)
+    choice = OptimizerChoice(resolved, options)
+    check_arguments(choice.resolved, args)
+    object.__setattr__(args, "_optitrainer_choice", ((requested, repr(args.optim_args)), choice))
+    return choice
+
+
+@dataclass
+class OptiArgumentsMixin:
+    """Mix into any ``TrainingArguments`` dataclass (e.g. TRL's ``SFTConfig``) to open ``optim=``.
+
+    ``optim`` then accepts every registered name (``optitrainer list``), also from the command line
+    through ``HfArgumentParser``; ``optim_args`` accepts transformers' string form or a dict. Bad
+    values fail here, before any model is touched.
+    """
+
+    optim: str = field(
+        default=TrainingArguments.default_optim,
+        metadata={"help": "The optimizer: any name listed by `optitrainer list` (plugins add more)."},
+    )
+    optim_args: str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of the optimizer, as 'key=value, key2=value2' (or a dict in Python); "
+            "`optitrainer info NAME` lists the accepted keys."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        requested = str(getattr(self.optim, "value", self.optim))
+        self.optim = _ENUM_PLACEHOLDER  # transformers converts optim to its closed enum here
+        super().__post_init__()
+        self.optim = requested
+        choice = choose_optimizer(self)
+        self.optim = choice.resolved.name  # canonical: aliases resolved, "_layerwise" kept
+
+    @property
+    def optimizer_choice(self) -> OptimizerChoice:
+        """The resolved optimizer (spec, mode, provenance) and its typed options."""
+        return choose_optimizer(self)
+
+    def set_optimizer(self, name: str = TrainingArguments.default_optim, **kwargs: Any):
+        """Like ``TrainingArguments.set_optimizer`` but accepting any registered name."""
+        super().set_optimizer(name=_ENUM_PLACEHOLDER, **kwargs)
+        self.optim = name
+        self.optim = choose_optimizer(self).resolved.name
+        return self
+
+
+@dataclass
+class OptiTrainingArguments(OptiArgumentsMixin, TrainingArguments):
+    """``TrainingArguments`` whose ``optim`` accepts every optimizer registered with optitrainer."""
+
+
+def with_optitrainer(arguments_cls: type) -> type:
+    """Return a subclass of a ``TrainingArguments`` dataclass with :class:`OptiArgumentsMixin` mixed in.
+
+    >>> from trl import SFTConfig
+    >>> OptiSFTConfig = with_optitrainer(SFTConfig)
+    """
+    if issubclass(arguments_cls, OptiArgumentsMixin):
+        return arguments_cls
+    cls = type(f"Opti{arguments_cls.__name__}", (OptiArgumentsMixin, arguments_cls), {})
+    cls.__module__ = __name__
+    return dataclasses.dataclass(cls)

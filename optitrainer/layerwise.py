@@ -1,0 +1,175 @@
+"""The layerwise engine: any layerwise-capable plugin as optimizer-in-backward.
+
+One optimizer per parameter, stepped from a post-accumulate-grad hook; the gradient is freed right
+after, so without accumulation at most one parameter's gradient is alive at a time. The trainer sees
+:class:`LayerwiseOptimizer`, a real ``torch.optim.Optimizer`` whose param groups (one per parameter)
+the scheduler moves and the hooks read, so the scheduled learning rate is the one applied and logged.
+
+Gradient accumulation: the hooks only step on the last micro-batch of an optimizer step; until then
+gradients accumulate as usual (so memory holds every gradient during accumulation).
+
+Gradient clipping (``max_grad_norm > 0``) is exact and costs a second forward/backward: a first pass
+measures the global gradient norm (freeing each gradient once its norm is taken), a second pass, with
+the same RNG state, scales each gradient by ``torch.nn.utils.clip_grad_norm_``'s coefficient before
+its update. With accumulation it is refused (the norm needs every gradient before any update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plugin import BuildContext, OptimizerSpec
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Facade over one optimizer per parameter. ``step``/``zero_grad`` are no-ops; hooks do the work."""
+
+    def __init__(
+        self, named_optimizers: list[tuple[str, nn.Parameter, torch.optim.Optimizer]], max_grad_norm: float
+    ):
+        groups = []
+        for name, param, inner in named_optimizers:
+            lr = next(g["lr"] for g in inner.param_groups if any(q is param for q in g["params"]))
+            groups.append({"params": [param], "lr": lr, "param_name": name})
+        super().__init__(groups, defaults={"lr": groups[0]["lr"] if groups else 0.0})
+        self.inner: dict[str, torch.optim.Optimizer] = {n: o for n, _, o in named_optimizers}
+        self._group_of: dict[int, dict[str, Any]] = {id(g["params"][0]): g for g in self.param_groups}
+        self._name_of: dict[int, str] = {id(p): n for n, p, _ in named_optimizers}
+        # inner groups keep their ratio to the scheduled rate (1 unless a plugin scales a group)
+        self._lr_ratio = {
+            n: [g["lr"] / lr0 if lr0 else 1.0 for g in o.param_groups]
+            for (n, _, o), lr0 in zip(named_optimizers, (g["lr"] for g in groups))
+        }
+        self.max_grad_norm = max_grad_norm
+        self._handles: list[Any] = []
+        self._sync = True
+        self._measuring = False
+        self._sq_norms: dict[str, torch.Tensor] = {}
+        self._clip_coef: torch.Tensor | None = None
+        #: the pre-clip global gradient norm of the last step, when one was measured
+        self.last_grad_norm: float | None = None
+
+    # hooks --------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self._handles:
+            return
+        for group in self.param_groups:
+            p = group["params"][0]
+            self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @torch.no_grad()
+    def _hook(self, param: nn.Parameter) -> None:
+        if param.grad is None:
+            return
+        name = self._name_of[id(param)]
+        if self._measuring:
+            self._sq_norms[name] = torch.linalg.vector_norm(param.grad, 2.0)
+            param.grad = None
+            return
+        if not self._sync:
+            return  # accumulating: keep the gradient for the next micro-batch
+        if self._clip_coef is not None:
+            param.grad.mul_(self._clip_coef.to(param.grad.device))
+        inner = self.inner[name]
+        lr = self._group_of[id(param)]["lr"]
+        for g, ratio in zip(inner.param_groups, self._lr_ratio[name]):
+            g["lr"] = lr * ratio
+        inner.step()
+        param.grad = None
+
+    # one training step ---------------------------------------------------------------------------
+    def run_training_step(self, run_forward_backward: Callable[[], torch.Tensor], sync: bool) -> torch.Tensor:
+        """Run the trainer's forward/backward once, or twice when clipping (norm pass, then update pass)."""
+        self.attach()
+        self._sync = sync
+        self._clip_coef = None
+        if not (sync and self.max_grad_norm > 0):
+            loss = run_forward_backward()
+            if sync:
+                self.last_grad_norm = None
+            return loss
+        rng = _rng_state()
+        self._measuring, self._sq_norms = True, {}
+        try:
+            run_forward_backward()
+        finally:
+            self._measuring = False
+        # the same reduction as torch.nn.utils.clip_grad_norm_: norm of the per-tensor norms, in param order
+        norms = [
+            self._sq_norms[g["param_name"]] for g in self.param_groups if g["param_name"] in self._sq_norms
+        ]
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.tensor(0.0)
+        self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
+        self.last_grad_norm = float(total)
+        _set_rng_state(rng)
+        try:
+            return run_forward_backward()
+        finally:
+            self._clip_coef = None
+
+    # torch.optim.Optimizer surface ------------------------------------------------------------------
+    def step(self, closure=None):  # the hooks already stepped
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # gradients are freed by the hooks
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layerwise": {name: opt.state_dict() for name, opt in self.inner.items()},
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        inner_states = state_dict["layerwise"]
+        missing = sorted(set(self.inner) - set(inner_states))
+        if missing:
+            raise KeyError(
+                f"layerwise optimizer checkpoint has no state for {len(missing)} parameter(s), e.g. {missing[:3]}; "
+                "was it saved from the same model?"
+            )
+        for name, opt in self.inner.items():
+            opt.load_state_dict(inner_states[name])
+        saved = {g["param_name"]: g for g in state_dict["param_groups"]}
+        for g in self.param_groups:
+            g.update({k: v for k, v in saved[g["param_name"]].items() if k != "params"})
+
+
+def build_layerwise(spec: OptimizerSpec, ctx: BuildContext, max_grad_norm: float) -> LayerwiseOptimizer:
+    """One optimizer per trainable parameter, each built by the plugin's own factory."""
+    named = ctx.named_parameters()
+    if not named:
+        raise ValueError("the model has no trainable parameter to optimize")
+    per_param = []
+    for name, p in named:
+        opt = spec.factory(replace(ctx, parameters=[(name, p)], layerwise=True))
+        per_param.append((name, p, opt))
+    return LayerwiseOptimizer(per_param, max_grad_norm=max_grad_norm)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        with contextlib.suppress(Exception):
+            torch.cuda.set_rng_state_all(state["cuda"])

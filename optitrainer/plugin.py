@@ -1,0 +1,320 @@
+"""The plugin-author API: everything a distribution needs to add an ``optim=`` name.
+
+A plugin is a module-level :class:`OptimizerSpec` referenced from an entry point in the group
+``optitrainer.optimizers``::
+
+    # pyproject.toml of the plugin distribution
+    [project.entry-points."optitrainer.optimizers"]
+    my_adam = "my_plugin:MY_ADAM"
+
+    # my_plugin.py -- must import nothing heavy at module level: listing loads it.
+    from optitrainer.plugin import Capabilities, OptimizerSpec, Option
+
+    def _build(ctx):
+        from my_upstream import MyAdam        # imported only when the optimizer is built
+        return MyAdam(ctx.param_groups(), lr=ctx.lr, beta=ctx.options["beta"])
+
+    MY_ADAM = OptimizerSpec(
+        name="my_adam", factory=_build, summary="Adam with a twist",
+        requires=("my-upstream>=1.0",), imports=("my_upstream",),
+        options=(Option("beta", float, 0.9, "the twist"),),
+    )
+
+The built-in optimizers of the core use nothing but this module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # keep this module importable without torch: listing plugins must stay cheap
+    import torch
+    from torch import nn
+    from transformers import TrainingArguments
+
+__all__ = [
+    "BackwardContext",
+    "BuildContext",
+    "Capabilities",
+    "Option",
+    "OptimizerSpec",
+    "DISTRIBUTED_MODES",
+]
+
+#: Distributed modes a plugin may declare support for in :attr:`Capabilities.distributed`.
+DISTRIBUTED_MODES = frozenset({"ddp", "fsdp", "deepspeed"})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One typed key of ``optim_args``.
+
+    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``tuple`` (a tuple of floats such as betas,
+    written ``betas=(0.9,0.99)`` or ``betas=0.9:0.99`` in the string form). ``default=None`` makes the
+    option optional (``none`` in the string form). ``choices`` restricts the accepted values;
+    ``low``/``high`` bound numbers (inclusive).
+    """
+
+    name: str
+    type: type
+    default: Any
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def describe_type(self) -> str:
+        text = self.type.__name__
+        if self.choices:
+            text = " | ".join(repr(c) for c in self.choices)
+        if self.default is None:
+            text += " | None"
+        if self.low is not None or self.high is not None:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            text += f" in [{lo}, {hi}]"
+        return text
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an optimizer can do; the trainer's one compatibility check reads every flag.
+
+    Attributes:
+        layerwise: may run as one optimizer per parameter, stepped from a gradient hook
+            (``<name>_layerwise``).
+        owns_backward: the plugin runs the backward pass itself (fused backward + update, e.g. LOMO);
+            the spec must then provide ``backward``.
+        needs_target_modules: ``optim_target_modules`` must be set (GaLore, APOLLO).
+        train_eval_modes: the optimizer has ``train()``/``eval()`` that change the model's weights
+            (schedule-free); the trainer switches them around evaluation and weight saving.
+        gradient_accumulation: gradient accumulation > 1 gives correct updates.
+        gradient_clipping: ``max_grad_norm > 0`` is honoured truthfully.
+        fp16: works with ``fp16=True`` loss scaling.
+        distributed: the distributed modes it supports (subset of :data:`DISTRIBUTED_MODES`).
+        requires_cuda: only runs on a CUDA device.
+    """
+
+    layerwise: bool = False
+    owns_backward: bool = False
+    needs_target_modules: bool = False
+    train_eval_modes: bool = False
+    gradient_accumulation: bool = True
+    gradient_clipping: bool = True
+    fp16: bool = True
+    distributed: frozenset[str] = DISTRIBUTED_MODES
+    requires_cuda: bool = False
+
+    def flags(self) -> list[str]:
+        """Short human-readable flags, for listings."""
+        out = []
+        if self.layerwise:
+            out.append("layerwise")
+        if self.owns_backward:
+            out.append("fused-backward")
+        if self.needs_target_modules:
+            out.append("target-modules")
+        if self.train_eval_modes:
+            out.append("train/eval")
+        if self.requires_cuda:
+            out.append("cuda-only")
+        if not self.gradient_accumulation:
+            out.append("no-grad-accum")
+        if self.distributed != DISTRIBUTED_MODES:
+            out.append("dist:" + (",".join(sorted(self.distributed)) or "none"))
+        return out
+
+
+@dataclass
+class BuildContext:
+    """Everything a factory may read to build its optimizer.
+
+    Attributes:
+        model: the model being trained (unwrapped).
+        args: the training arguments.
+        options: the parsed, typed ``optim_args`` (every declared option present, defaults filled).
+        name: the canonical optimizer name being built (without ``_layerwise``).
+        layerwise: whether the optimizer will run per parameter.
+        parameters: an explicit list of ``(name, parameter)`` to optimize; ``None`` means every
+            trainable parameter of ``model``.
+        decay_names: parameter names that get weight decay, as the trainer decided
+            (``Trainer.get_decay_parameter_names``); ``None`` applies transformers' rule.
+    """
+
+    model: nn.Module
+    args: TrainingArguments
+    options: dict[str, Any]
+    name: str
+    layerwise: bool = False
+    parameters: list[tuple[str, nn.Parameter]] | None = None
+    decay_names: set[str] | None = None
+
+    @property
+    def lr(self) -> float:
+        return self.args.learning_rate
+
+    @property
+    def weight_decay(self) -> float:
+        return self.args.weight_decay
+
+    def adam_kwargs(self) -> dict[str, Any]:
+        """``betas`` and ``eps`` from the training arguments."""
+        return {"betas": (self.args.adam_beta1, self.args.adam_beta2), "eps": self.args.adam_epsilon}
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The trainable parameters to optimize, by name."""
+        if self.parameters is not None:
+            return list(self.parameters)
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def decay_parameter_names(self) -> set[str]:
+        """Names of parameters that get weight decay (the trainer's rule: not biases, not norms)."""
+        if self.decay_names is not None:
+            return set(self.decay_names)
+        from torch import nn
+        from transformers.trainer_pt_utils import get_parameter_names
+
+        forbidden = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+        return set(get_parameter_names(self.model, [nn.LayerNorm], forbidden))
+
+    def param_groups(self, extra: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Two groups as ``transformers.Trainer`` builds them: decayed, then not decayed.
+
+        ``extra`` is merged into both groups. Empty groups are kept so that group indices (and thus
+        checkpoints) do not depend on the model.
+        """
+        decay = self.decay_parameter_names()
+        named = self.named_parameters()
+        extra = dict(extra or {})
+        return [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.weight_decay, **extra},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0, **extra},
+        ]
+
+    def target_linear_parameters(self) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
+        """Weights of the ``nn.Linear`` modules selected by ``optim_target_modules``.
+
+        Returns ``(selected, ignored)`` where ``ignored`` lists modules matched by name that are not
+        ``nn.Linear`` (their parameters are optimized normally). Accepts a list of exact names,
+        suffixes or regexes, a single regex string, or ``"all-linear"``.
+        """
+        return select_target_linears(self.model, self.args.optim_target_modules, self.named_parameters())
+
+
+@dataclass
+class BackwardContext:
+    """What a plugin that owns the backward pass (``Capabilities.owns_backward``) receives."""
+
+    optimizer: torch.optim.Optimizer
+    loss: torch.Tensor
+    lr: float
+    max_grad_norm: float
+    model: nn.Module
+    accelerator: Any
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The declarative description of one ``optim=`` name.
+
+    Attributes:
+        name: the canonical name users write in ``optim=``.
+        factory: ``factory(ctx: BuildContext) -> torch.optim.Optimizer``.
+        summary: one line for ``optitrainer list``.
+        requires: pip requirements of the upstream package (shown in install hints).
+        imports: importable module names that must be present (checked without importing them).
+        options: the ``optim_args`` keys it accepts.
+        aliases: other accepted names.
+        capabilities: see :class:`Capabilities`.
+        transformers_name: the name ``transformers.Trainer`` knows for the same optimizer, if any.
+        validate: ``validate(ctx) -> list[str]``: extra problems found before training
+            (e.g. target modules matching nothing); each is reported with the others.
+        backward: ``backward(bctx: BackwardContext) -> float | None`` for ``owns_backward``
+            plugins; returns the measured pre-clip gradient norm, or ``None`` when none was measured.
+        docs: a longer description (markdown) for ``optitrainer info``.
+    """
+
+    name: str
+    factory: Callable[[BuildContext], torch.optim.Optimizer]
+    summary: str
+    requires: tuple[str, ...] = ()
+    imports: tuple[str, ...] = ()
+    options: tuple[Option, ...] = ()
+    aliases: tuple[str, ...] = ()
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    transformers_name: str | None = None
+    validate: Callable[[BuildContext], list[str]] | None = None
+    backward: Callable[[BackwardContext], float | None] | None = None
+    docs: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
+            raise ValueError(f"optimizer name {self.name!r} must be lower_snake_case")
+        if self.capabilities.owns_backward and self.backward is None:
+            raise ValueError(f"{self.name!r} declares owns_backward but gives no backward function")
+        seen = set()
+        for opt in self.options:
+            if opt.name in seen:
+                raise ValueError(f"{self.name!r}: option {opt.name!r} declared twice")
+            seen.add(opt.name)
+
+    @property
+    def option_map(self) -> dict[str, Option]:
+        return {o.name: o for o in self.options}
+
+    def pip_command(self) -> str:
+        return "pip install " + " ".join(
+            f"'{r}'" if any(c in r for c in "<>=!~") else r for r in self.requires
+        )
+
+
+def select_target_linears(
+    model: nn.Module,
+    patterns: str | Sequence[str] | None,
+    named_parameters: Sequence[tuple[str, nn.Parameter]] | None = None,
+) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
+    """See :meth:`BuildContext.target_linear_parameters`."""
+    from torch import nn
+
+    if patterns is None:
+        return [], []
+    all_linear = isinstance(patterns, str) and patterns.replace("_", "-") == "all-linear"
+
+    def matches(module_name: str) -> bool:
+        # transformers' rule (trainer_utils.check_target_module_exists), so both select the same
+        # weights: a string is a regex; a list entry is an exact name, a substring or a regex.
+        if all_linear:
+            return True
+        if isinstance(patterns, str):
+            return _fullmatch(patterns, module_name)
+        return any(
+            pat == module_name or pat in module_name or _fullmatch(pat, module_name) for pat in patterns
+        )
+
+    trainable = dict(named_parameters) if named_parameters is not None else None
+    selected, ignored = [], []
+    for module_name, module in model.named_modules():
+        if not module_name or not matches(module_name):
+            continue
+        if isinstance(module, nn.Linear):
+            pname = f"{module_name}.weight"
+            if trainable is None or pname in trainable:
+                selected.append((pname, module.weight))
+        elif (
+            not all_linear
+            and not any(True for _ in module.children())
+            and any(True for _ in module.parameters(recurse=False))
+        ):
+            # a matched leaf with weights that is not Linear: it stays on the plain path, say so
+            ignored.append(f"{module_name} ({type(module).__name__})")
+    return selected, ignored
+
+
+def _fullmatch(pattern: str, text: str) -> bool:
+    try:
+        return re.fullmatch(pattern, text) is not None
+    except re.error:
+        return False

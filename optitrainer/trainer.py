@@ -1,0 +1,199 @@
+"""``OptiTrainer``: ``transformers.Trainer`` whose optimizer comes from an optitrainer plugin.
+
+The mixin knows no optimizer by name: it asks the plugin for the optimizer and reads its capability
+flags for everything around the loop (who runs the backward pass, train/eval modes, layerwise hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from .arguments import OptimizerChoice, choose_optimizer
+from .compat import raise_conflicts
+from .layerwise import LayerwiseOptimizer, build_layerwise
+from .plugin import BackwardContext, BuildContext
+
+logger = logging.getLogger("optitrainer")
+
+
+class OptimizerProvenance(TrainerCallback, ExportableState):
+    """Keeps which optimizer was built, and by which distribution and version, in ``trainer_state.json``."""
+
+    def __init__(self, optimizer: str = "", distribution: str = "", version: str | None = None):
+        self.optimizer, self.distribution, self.version = optimizer, distribution, version
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "args": {"optimizer": self.optimizer, "distribution": self.distribution, "version": self.version},
+            "attributes": {},
+        }
+
+
+class OptiTrainerMixin:
+    """Mix into any ``Trainer`` subclass (e.g. TRL's ``SFTTrainer``) to build its optimizer from a plugin.
+
+    Training arguments may be :class:`~optitrainer.OptiTrainingArguments` (any name) or plain
+    ``TrainingArguments`` (names transformers knows; plugins still provide them when installed).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._opti_optimizer: torch.optim.Optimizer | None = None
+        self._opti_grad_norm: float | None = None
+        self._opti_choice: OptimizerChoice | None = None
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
+            self._opti_choice = choose_optimizer(self.args)
+            if self.model is not None:
+                self._check_model(self.model)
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _build_context(self, model: torch.nn.Module) -> BuildContext:
+        choice = self._opti_choice
+        return BuildContext(
+            model=model,
+            args=self.args,
+            options=dict(choice.options or {}),
+            name=choice.resolved.spec.name,
+            layerwise=choice.resolved.layerwise,
+            decay_names=set(self.get_decay_parameter_names(model)),
+        )
+
+    def _check_model(self, model: torch.nn.Module) -> None:
+        """Model-dependent checks of the plugin (e.g. target modules), reported all at once."""
+        spec = self._opti_choice.resolved.spec
+        if spec.validate is not None:
+            raise_conflicts(self._opti_choice.resolved, list(spec.validate(self._build_context(model))))
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None or self._opti_choice is None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        resolved = self._opti_choice.resolved
+        ctx = self._build_context(opt_model)
+        if resolved.layerwise:
+            optimizer = build_layerwise(resolved.spec, ctx, max_grad_norm=self.args.max_grad_norm)
+        else:
+            optimizer = resolved.spec.factory(ctx)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"the plugin {resolved.provenance} built a {type(optimizer).__name__} for optim={resolved.name!r}; "
+                "a factory must return a torch.optim.Optimizer"
+            )
+        self.optimizer = self._opti_optimizer = optimizer
+        logger.info(
+            "optitrainer: optim=%r built %s from %s",
+            resolved.name,
+            type(optimizer).__name__,
+            resolved.provenance,
+        )
+        self.callback_handler.callbacks = [
+            cb for cb in self.callback_handler.callbacks if not isinstance(cb, OptimizerProvenance)
+        ]
+        self.add_callback(
+            OptimizerProvenance(resolved.name, resolved.provenance.distribution, resolved.provenance.version)
+        )
+        return self.optimizer
+
+    # -- the training step -------------------------------------------------------------------------
+    @property
+    def _opti_manages_gradients(self) -> bool:
+        """True when gradients are consumed inside backward (layerwise, fused backward)."""
+        if self._opti_choice is None or self._opti_optimizer is None:
+            return False
+        return (
+            self._opti_choice.resolved.layerwise or self._opti_choice.resolved.spec.capabilities.owns_backward
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._opti_optimizer is None or self._opti_choice is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        resolved = self._opti_choice.resolved
+        if resolved.layerwise:
+            engine: LayerwiseOptimizer = self._opti_optimizer
+            loss = engine.run_training_step(
+                lambda: super(OptiTrainerMixin, self).training_step(model, inputs, num_items_in_batch),
+                sync=self.accelerator.sync_gradients,
+            )
+            if self.accelerator.sync_gradients:
+                self._opti_grad_norm = engine.last_grad_norm
+            return loss
+        if resolved.spec.capabilities.owns_backward:
+            with self._plugin_backward(model):
+                return super().training_step(model, inputs, num_items_in_batch)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _plugin_backward(self, model) -> Iterator[None]:
+        """Route the stock ``accelerator.backward`` call to the plugin's fused backward+update."""
+        spec = self._opti_choice.resolved.spec
+
+        def fused_backward(loss: torch.Tensor, **_: Any) -> None:
+            self._opti_grad_norm = spec.backward(
+                BackwardContext(
+                    optimizer=self._opti_optimizer,
+                    loss=loss,
+                    lr=self._get_learning_rate(),
+                    max_grad_norm=self.args.max_grad_norm,
+                    model=model,
+                    accelerator=self.accelerator,
+                )
+            )
+
+        self.accelerator.backward = fused_backward
+        try:
+            yield
+        finally:
+            del self.accelerator.backward  # back to the class's method
+
+    def _clip_grad_norm(self, model):
+        if self._opti_manages_gradients:
+            return self._opti_grad_norm  # measured inside backward, or None: never a made-up 0.0
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._opti_manages_gradients:
+            return self._opti_grad_norm
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    def train(self, *args: Any, **kwargs: Any):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if isinstance(self._opti_optimizer, LayerwiseOptimizer):
+                self._opti_optimizer.detach()
+
+    # -- weights in the right mode ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _weights_for_saving(self) -> Iterator[None]:
+        """Optimizers with train/eval modes (schedule-free) save the eval-mode weights."""
+        opt = self._opti_optimizer
+        caps = self._opti_choice.resolved.spec.capabilities if self._opti_choice else None
+        if opt is None or caps is None or not caps.train_eval_modes:
+            yield
+            return
+        was_training = bool(opt.param_groups[0].get("train_mode", True))
+        opt.eval()
+        try:
+            yield
+        finally:
+            if was_training:
+                opt.train()
+
+    def _save_checkpoint(self, model, trial):
+        with self._weights_for_saving():
+            return super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with self._weights_for_saving():
+            return super().save_model(output_dir, _internal_call)
+
+
+class OptiTrainer(OptiTrainerMixin, Trainer):
+    """``transformers.Trainer`` with every optimizer that optitrainer's plugins provide."""
