@@ -234,6 +234,10 @@ class OptimizerSpec:
             (e.g. target modules matching nothing); each is reported with the others.
         backward: ``backward(bctx: BackwardContext) -> float | None`` for ``owns_backward``
             plugins; returns the measured pre-clip gradient norm, or ``None`` when none was measured.
+        callbacks: ``callbacks(optimizer) -> list[TrainerCallback]`` added to the trainer once the
+            optimizer is built (e.g. to feed it training/evaluation losses).
+        log_values: ``log_values(optimizer) -> dict[str, float]`` merged into every training log
+            (e.g. the learning rate an optimizer really applied).
         docs: a longer description (markdown) for ``optitrainer info``.
     """
 
@@ -248,6 +252,8 @@ class OptimizerSpec:
     transformers_name: str | None = None
     validate: Callable[[BuildContext], list[str]] | None = None
     backward: Callable[[BackwardContext], float | None] | None = None
+    callbacks: Callable[[torch.optim.Optimizer], list[Any]] | None = None
+    log_values: Callable[[torch.optim.Optimizer], dict[str, float]] | None = None
     docs: str = ""
 
     def __post_init__(self) -> None:

@@ -99,7 +99,21 @@ class OptiTrainerMixin:
         self.add_callback(
             OptimizerProvenance(resolved.name, resolved.provenance.distribution, resolved.provenance.version)
         )
+        if resolved.spec.callbacks is not None:
+            for callback in resolved.spec.callbacks(optimizer):
+                self.add_callback(callback)
         return self.optimizer
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        spec = self._opti_choice.resolved.spec if self._opti_choice else None
+        if (
+            spec is not None
+            and spec.log_values is not None
+            and self._opti_optimizer is not None
+            and "loss" in logs
+        ):
+            logs.update(spec.log_values(self._opti_optimizer))
+        super().log(logs, *args, **kwargs)
 
     # -- the training step -------------------------------------------------------------------------
     @property
