@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ from transformers import TrainingArguments
 from .compat import check_arguments
 from .options import parse_optim_args
 from .registry import REGISTRY, ResolvedOptimizer
+
+logger = logging.getLogger("optitrainer")
 
 #: the placeholder handed to transformers' own ``OptimizerNames`` check during ``__post_init__``
 _ENUM_PLACEHOLDER = "adamw_torch"
@@ -42,6 +45,10 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
     resolved = REGISTRY.resolve(requested)
     if resolved.provenance.distribution == "transformers":
         options = None
+        if resolved.spec.docs:
+            logger.warning(
+                "optim=%r is built by transformers' own handler. %s", requested, resolved.spec.docs
+            )
     else:
         options = parse_optim_args(resolved.spec, args.optim_args)
     choice = OptimizerChoice(resolved, options)

@@ -52,6 +52,10 @@ class OptiTrainerMixin:
             self._opti_choice = choose_optimizer(self.args)
             if self.model is not None:
                 self._check_model(self.model)
+            prov = self._opti_choice.resolved.provenance
+            self.add_callback(
+                OptimizerProvenance(self._opti_choice.resolved.name, prov.distribution, prov.version)
+            )
 
     # -- setup ------------------------------------------------------------------------------------
     def _build_context(self, model: torch.nn.Module) -> BuildContext:
@@ -92,12 +96,6 @@ class OptiTrainerMixin:
             resolved.name,
             type(optimizer).__name__,
             resolved.provenance,
-        )
-        self.callback_handler.callbacks = [
-            cb for cb in self.callback_handler.callbacks if not isinstance(cb, OptimizerProvenance)
-        ]
-        self.add_callback(
-            OptimizerProvenance(resolved.name, resolved.provenance.distribution, resolved.provenance.version)
         )
         if resolved.spec.callbacks is not None:
             for callback in resolved.spec.callbacks(optimizer):

@@ -38,11 +38,16 @@ def fallback_spec(name: str):
 
     if name not in transformers_optimizer_names():
         return None
+    from .registry import KNOWN_PLUGINS, LAYERWISE_SUFFIX
+
+    plugin = KNOWN_PLUGINS.get(name.removesuffix(LAYERWISE_SUFFIX))
     spec = OptimizerSpec(
         name=name,
         factory=_build_with_transformers,
         summary="built by transformers' own optimizer handler (no optitrainer plugin provides it)",
         transformers_name=name,
-        docs="optim_args are passed to transformers unparsed.",
+        docs=f"The plugin {plugin} provides optitrainer's own {name!r}: pip install {plugin}"
+        if plugin
+        else "",
     )
     return spec, Provenance("transformers", importlib.metadata.version("transformers"))

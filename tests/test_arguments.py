@@ -1,0 +1,249 @@
+"""Arguments: any registered name, typed optim_args, every bad input refused before a model exists."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from optitrainer import (
+    IncompatibleConfigError,
+    InvalidOptimArgsError,
+    OptiTrainingArguments,
+    UnknownOptimizerError,
+    register,
+    with_optitrainer,
+)
+from optitrainer.options import parse_optim_args, split_optim_args
+from optitrainer.plugin import Capabilities, OptimizerSpec, Option
+from optitrainer.registry import REGISTRY
+
+
+def _sgd_factory(ctx):
+    import torch
+
+    return torch.optim.SGD(ctx.param_groups(), lr=ctx.lr)
+
+
+TYPED = OptimizerSpec(
+    name="typed_test_opt",
+    factory=_sgd_factory,
+    summary="options of every type",
+    options=(
+        Option("rank", int, 128, "projection rank", low=1),
+        Option("scale", float, 0.25, "update scale", low=0.0),
+        Option("kahan_sum", bool, None, "Kahan summation"),
+        Option("betas", tuple, (0.9, 0.999), "moment coefficients"),
+        Option("proj_type", str, "std", "projection", choices=("std", "reverse_std", "left", "right")),
+        Option("max_lr", float, None, "maximum lr"),
+    ),
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def typed_spec():
+    register(TYPED, replace=True)
+    yield
+    REGISTRY.unregister(TYPED.name)
+
+
+def args(**kw):
+    return OptiTrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **kw)
+
+
+def test_transformers_rejects_what_optitrainer_accepts():
+    with pytest.raises(ValueError):
+        TrainingArguments(output_dir="unused", optim="typed_test_opt")
+    assert args(optim="typed_test_opt").optim == "typed_test_opt"
+
+
+def test_default_optimizer_is_transformers_default():
+    assert args().optim == TrainingArguments(output_dir="unused").optim
+
+
+def test_string_form_is_typed():
+    a = args(
+        optim="typed_test_opt",
+        optim_args="rank=64, scale=0.1, kahan_sum=False, betas=(0.8,0.95), proj_type=left, max_lr=none",
+    )
+    opts = a.optimizer_choice.options
+    assert opts == {
+        "rank": 64,
+        "scale": 0.1,
+        "kahan_sum": False,
+        "betas": (0.8, 0.95),
+        "proj_type": "left",
+        "max_lr": None,
+    }
+    assert type(opts["rank"]) is int and opts["kahan_sum"] is False
+
+
+def test_dict_form_and_defaults():
+    a = args(optim="typed_test_opt", optim_args={"rank": 8, "kahan_sum": "true", "betas": [0.5, 0.6]})
+    opts = a.optimizer_choice.options
+    assert opts["rank"] == 8 and opts["kahan_sum"] is True and opts["betas"] == (0.5, 0.6)
+    assert opts["scale"] == 0.25 and opts["proj_type"] == "std"
+
+
+@pytest.mark.parametrize("text", ["TRUE", "yes", "1", "on"])
+def test_booleans_true(text):
+    assert (
+        args(optim="typed_test_opt", optim_args=f"kahan_sum={text}").optimizer_choice.options["kahan_sum"]
+        is True
+    )
+
+
+@pytest.mark.parametrize("text", ["False", "false", "no", "0", "off"])
+def test_booleans_false(text):
+    # transformers' own handlers do bool("False") == True for some optimizers
+    assert (
+        args(optim="typed_test_opt", optim_args=f"kahan_sum={text}").optimizer_choice.options["kahan_sum"]
+        is False
+    )
+
+
+def test_unknown_key_lists_accepted_keys_with_defaults():
+    with pytest.raises(InvalidOptimArgsError) as err:
+        args(optim="typed_test_opt", optim_args="rnak=16")
+    msg = str(err.value)
+    assert "unknown key 'rnak' (did you mean 'rank'?)" in msg
+    assert "rank=128" in msg and "scale=0.25" in msg and "proj_type='std'" in msg
+    assert "optitrainer info typed_test_opt" in msg
+    assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("rank=sixty", "rank='sixty' is not valid; expected int"),
+        ("rank=2.5", "expected int"),
+        ("rank=0", "expected int in [1, inf]"),
+        ("scale=-1", "expected float in [0, inf]"),
+        ("kahan_sum=maybe", "expected bool | None"),
+        ("proj_type=diagonal", "expected one of 'std', 'reverse_std', 'left', 'right'"),
+        ("betas=(0.9)", "expected tuple"),
+        ("rank", "cannot read 'rank'"),
+        ("rank=1, rank=2", "given twice"),
+    ],
+)
+def test_bad_values_name_key_value_and_expectation(raw, expected):
+    with pytest.raises(InvalidOptimArgsError) as err:
+        args(optim="typed_test_opt", optim_args=raw)
+    assert expected in str(err.value)
+
+
+def test_optimizer_without_options_refuses_any_key():
+    with pytest.raises(InvalidOptimArgsError, match="'adamw_torch' accepts no optim_args"):
+        args(optim="adamw_torch", optim_args="foo=1")
+
+
+def test_unknown_optimizer_fails_at_construction():
+    with pytest.raises(UnknownOptimizerError, match="Did you mean: 'sgd'"):
+        args(optim="sgdd")
+
+
+def test_aliases_resolve_to_the_canonical_name():
+    register(
+        OptimizerSpec(name="aliased_test_opt", factory=_sgd_factory, summary="s", aliases=("my_alias",)),
+        replace=True,
+    )
+    try:
+        assert args(optim="my_alias").optim == "aliased_test_opt"
+    finally:
+        REGISTRY.unregister("aliased_test_opt")
+
+
+def test_all_conflicts_reported_at_once_before_training():
+    register(
+        OptimizerSpec(
+            name="picky_test_opt",
+            factory=_sgd_factory,
+            summary="s",
+            capabilities=Capabilities(
+                gradient_accumulation=False, gradient_clipping=False, needs_target_modules=True
+            ),
+        ),
+        replace=True,
+    )
+    try:
+        with pytest.raises(IncompatibleConfigError) as err:
+            args(optim="picky_test_opt", gradient_accumulation_steps=4, max_grad_norm=1.0)
+        msg = str(err.value)
+        assert "set optim_target_modules" in msg
+        assert "gradient_accumulation_steps=4" in msg and "set gradient_accumulation_steps=1" in msg
+        assert "max_grad_norm=1.0" in msg and "set max_grad_norm=0" in msg
+    finally:
+        REGISTRY.unregister("picky_test_opt")
+
+
+def test_cuda_only_optimizer_refused_without_cuda():
+    register(
+        OptimizerSpec(
+            name="cuda_test_opt",
+            factory=_sgd_factory,
+            summary="s",
+            capabilities=Capabilities(requires_cuda=True),
+        ),
+        replace=True,
+    )
+    try:
+        with pytest.raises(IncompatibleConfigError, match="needs a CUDA device"):
+            args(optim="cuda_test_opt")
+    finally:
+        REGISTRY.unregister("cuda_test_opt")
+
+
+def test_layerwise_clipping_with_accumulation_is_refused():
+    with pytest.raises(IncompatibleConfigError, match="set max_grad_norm=0 or gradient_accumulation_steps=1"):
+        args(optim="adamw_torch_layerwise", max_grad_norm=1.0, gradient_accumulation_steps=2)
+    assert args(optim="adamw_torch_layerwise", max_grad_norm=0.0, gradient_accumulation_steps=2)
+    assert args(optim="adamw_torch_layerwise", max_grad_norm=1.0, gradient_accumulation_steps=1)
+
+
+def test_command_line_through_hf_argument_parser():
+    parser = HfArgumentParser(OptiTrainingArguments)
+    (a,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            "unused",
+            "--optim",
+            "typed_test_opt",
+            "--optim_args",
+            "rank=64, scale=0.1",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert a.optim == "typed_test_opt"
+    assert a.optimizer_choice.options["rank"] == 64 and a.optimizer_choice.options["scale"] == 0.1
+    with pytest.raises(UnknownOptimizerError):
+        parser.parse_args_into_dataclasses(["--output_dir", "unused", "--optim", "nope_opt"])
+
+
+def test_mixin_for_other_argument_classes():
+    from trl import SFTConfig
+
+    OptiSFTConfig = with_optitrainer(SFTConfig)
+    cfg = OptiSFTConfig(
+        output_dir="unused",
+        optim="typed_test_opt",
+        optim_args="rank=4",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+    )
+    assert isinstance(cfg, SFTConfig)
+    assert cfg.optimizer_choice.options["rank"] == 4
+    with pytest.raises(InvalidOptimArgsError):
+        OptiSFTConfig(
+            output_dir="unused", optim="typed_test_opt", optim_args="rank=x", use_cpu=True, bf16=False
+        )
+
+
+def test_set_optimizer_accepts_any_name():
+    a = args().set_optimizer(name="typed_test_opt", learning_rate=0.01)
+    assert a.optim == "typed_test_opt" and a.learning_rate == 0.01
+
+
+def test_split_keeps_tuples_together():
+    assert split_optim_args("betas=(0.9, 0.99), rank=3") == {"betas": "(0.9, 0.99)", "rank": "3"}
+    assert parse_optim_args(TYPED, "betas=0.9:0.95")["betas"] == (0.9, 0.95)
