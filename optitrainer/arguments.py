@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,9 @@ class OptimizerChoice:
         return self.resolved.provenance.distribution == "transformers"
 
 
+_CHOICES: dict[int, tuple[weakref.ref, tuple[str, str], OptimizerChoice]] = {}
+
+
 def choose_optimizer(args: Any) -> OptimizerChoice:
     """Resolve ``args.optim`` and parse ``args.optim_args`` (cached on ``args``).
 
@@ -39,9 +43,10 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
     Raises the errors of :mod:`optitrainer.errors` with the fix in the message.
     """
     requested = str(getattr(args.optim, "value", args.optim))
-    cached = getattr(args, "_optitrainer_choice", None)
-    if cached is not None and cached[0] == (requested, repr(args.optim_args)):
-        return cached[1]
+    key = (requested, repr(args.optim_args))
+    cached = _CHOICES.get(id(args))
+    if cached is not None and cached[0]() is args and cached[1] == key:
+        return cached[2]
     resolved = REGISTRY.resolve(requested)
     if resolved.provenance.distribution == "transformers":
         options = None
@@ -53,7 +58,8 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
         options = parse_optim_args(resolved.spec, args.optim_args)
     choice = OptimizerChoice(resolved, options)
     check_arguments(choice.resolved, args)
-    object.__setattr__(args, "_optitrainer_choice", ((requested, repr(args.optim_args)), choice))
+    # kept beside the arguments, not on them: arguments get pickled into checkpoints
+    _CHOICES[id(args)] = (weakref.ref(args, lambda _, i=id(args): _CHOICES.pop(i, None)), key, choice)
     return choice
 
 

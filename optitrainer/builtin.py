@@ -14,7 +14,7 @@ ELEMENTWISE = Capabilities(layerwise=True)
 TORCH = ("torch",)
 
 
-def _adamw(ctx: BuildContext, fused: bool):
+def _adamw(ctx: BuildContext, fused: bool = False):
     from torch.optim import AdamW
 
     kwargs = {"lr": ctx.lr, **ctx.adam_kwargs()}
@@ -23,9 +23,13 @@ def _adamw(ctx: BuildContext, fused: bool):
     return AdamW(ctx.param_groups(), **kwargs)
 
 
+def _adamw_fused(ctx: BuildContext):
+    return _adamw(ctx, fused=True)
+
+
 ADAMW_TORCH = OptimizerSpec(
     name="adamw_torch",
-    factory=lambda ctx: _adamw(ctx, fused=False),
+    factory=_adamw,
     summary="torch.optim.AdamW (betas, eps and weight decay from the training arguments)",
     imports=TORCH,
     capabilities=ELEMENTWISE,
@@ -34,7 +38,7 @@ ADAMW_TORCH = OptimizerSpec(
 
 ADAMW_TORCH_FUSED = OptimizerSpec(
     name="adamw_torch_fused",
-    factory=lambda ctx: _adamw(ctx, fused=True),
+    factory=_adamw_fused,
     summary="torch.optim.AdamW(fused=True): one kernel for the whole update",
     imports=TORCH,
     capabilities=ELEMENTWISE,
