@@ -59,7 +59,8 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
     choice = OptimizerChoice(resolved, options)
     check_arguments(choice.resolved, args)
     # kept beside the arguments, not on them: arguments get pickled into checkpoints
-    _CHOICES[id(args)] = (weakref.ref(args, lambda _, i=id(args): _CHOICES.pop(i, None)), key, choice)
+    args_id = id(args)
+    _CHOICES[args_id] = (weakref.ref(args, lambda _: _CHOICES.pop(args_id, None)), key, choice)
     return choice
 
 
