@@ -31,7 +31,7 @@ def _list(console: Console) -> int:
         )
         table.add_row(r.name, ", ".join(r.aliases), caps, str(r.provenance), installed, r.summary)
     console.print(table)
-    registered = {r.name for r in rows}
+    registered = {r.name for r in rows} | {a for r in rows for a in r.aliases}
     missing = sorted({d for n, d in KNOWN_PLUGINS.items() if n not in registered})
     if missing:
         console.print("Plugins not installed: " + ", ".join(missing) + " (pip install <name>)")

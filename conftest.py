@@ -1,0 +1,10 @@
+"""Repository-wide pytest setup (core tests and every plugin's tests)."""
+
+import os
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models train fastest on one thread; on a 2-core CI machine more threads only contend.
+torch.set_num_threads(1)

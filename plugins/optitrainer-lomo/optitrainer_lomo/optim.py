@@ -1,0 +1,305 @@
+"""LOMO and AdaLomo with one gradient hook per parameter (the update of ``lomo-optim`` 0.1.1).
+
+Upstream's ``lomo_optim.Lomo``/``AdaLomo`` register the same hook on every parameter, and each call
+of that hook walks ``model.named_parameters()`` looking for the one gradient that became ready since
+the previous call: a backward pass costs O(number of tensors²) Python work. Upstream's ``AdaLomo``
+also allocates its second-moment statistics with ``.cuda()`` (it cannot even be built without a
+GPU) and keeps them in plain attributes, outside ``state_dict()`` (a checkpoint loses them).
+
+The classes here keep upstream's update formulas operation for operation (the tests compare them
+bit for bit with upstream on the same model and batches) and change the machinery around them:
+
+* one ``register_post_accumulate_grad_hook`` per parameter, which handles only that parameter: the
+  backward pass is linear in the number of tensors, and the trailing ``grad_func(0)`` call upstream
+  needs for the last parameter is gone (the hook runs after the gradient is accumulated);
+* the hooks act only inside :meth:`FusedBackwardOptimizer.fused_backward`; any other backward pass
+  accumulates ``.grad`` as usual instead of silently updating the weights with a stale learning rate;
+* AdaLomo's statistics live in ``self.state[p]`` on the parameter's device, float32, and resume
+  exactly (``state_dict`` also carries the global step counter);
+* weight decay is per parameter group (the trainer's decay / no-decay groups: no decay on biases
+  and norms), the rest of the update is upstream's;
+* gradient-norm clipping is one call: ``fused_backward(loss, lr, max_grad_norm)`` runs upstream's
+  norm pass (a first backward with ``retain_graph=True`` that only measures) and then the fused
+  update with the clipping coefficient, and returns the measured pre-clip norm.
+
+Not supported (refused by the plugin's capabilities): DeepSpeed ZeRO-3 and every distributed mode,
+fp16 loss scaling (upstream's ``DynamicLossScaler`` only engages for float16 losses).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lomo_optim.adalomo import AdaLomo as Upstream  # its static math helpers, reused as they are
+from torch.optim import Optimizer
+
+__all__ = ["AdaLomo", "FusedBackwardOptimizer", "Lomo"]
+
+#: key of the optimizer-wide counters in ``state_dict()`` (torch's loader ignores unknown keys)
+EXTRA_STATE_KEY = "fused_backward"
+
+
+class FusedBackwardOptimizer(Optimizer):
+    """Base class: the update of each parameter runs inside the backward pass, from its own hook.
+
+    ``step()`` is a no-op (the trainer still calls it; the scheduler counts it). Drive it with
+    :meth:`fused_backward`.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self.lr: float = float(defaults["lr"])  # learning rate of the running / last fused_backward
+        self.step_num = 0  # number of fused updates done (AdaLomo's beta2 schedule reads it)
+        self.clip_coef: torch.Tensor | None = None
+        self._mode: str | None = None  # None: hooks idle; "norm": measure; "update": update
+        self._norms: list[torch.Tensor] = []
+        self._handles = []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p.requires_grad:
+                    # the group is looked up by index at call time: load_state_dict replaces the dicts
+                    self._handles.append(
+                        p.register_post_accumulate_grad_hook(lambda q, i=index: self._on_grad(q, i))
+                    )
+
+    # -- what subclasses define -------------------------------------------------------------------
+    def _scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss
+
+    def _unscale(self, grad_fp32: torch.Tensor) -> None:
+        pass
+
+    def _update(self, p: torch.Tensor, grad_fp32: torch.Tensor, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    # -- the hook ---------------------------------------------------------------------------------
+    def _on_grad(self, p: torch.Tensor, group_index: int) -> None:
+        if self._mode is None or p.grad is None:
+            return  # an ordinary backward pass: leave .grad accumulated
+        with torch.no_grad():
+            grad_fp32 = p.grad.to(torch.float32)
+            p.grad = None
+            self._unscale(grad_fp32)
+            if self._mode == "norm":
+                # two backward passes: this one only measures, the next one updates
+                self._norms.append(torch.norm(grad_fp32, 2.0))
+            else:
+                self._update(p, grad_fp32, self.param_groups[group_index])
+
+    def _backward(self, loss: torch.Tensor, mode: str) -> None:
+        self._mode = mode
+        try:
+            self._scale_loss(loss).backward(retain_graph=mode == "norm")
+        finally:
+            self._mode = None
+
+    # -- public API -------------------------------------------------------------------------------
+    def grad_norm(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+        """Norm pass: backward with ``retain_graph=True`` that only measures the global gradient norm.
+
+        Sets the clipping coefficient the next :meth:`fused_backward` update applies (upstream's
+        formula: ``clamp(max_grad_norm / (norm + 1e-6), max=1)``) and returns the pre-clip norm.
+        """
+        self._norms = []
+        self._backward(loss, "norm")
+        with torch.no_grad():
+            if self._norms:
+                total_norm = torch.norm(torch.stack(self._norms), 2.0)
+            else:
+                total_norm = torch.zeros((), dtype=torch.float32, device=loss.device)
+            self._norms = []
+            self.clip_coef = torch.clamp(float(max_grad_norm) / (total_norm + 1e-6), max=1.0)
+        return total_norm
+
+    def fused_backward(
+        self, loss: torch.Tensor, lr: float | None = None, max_grad_norm: float | None = None
+    ) -> float | None:
+        """Backward pass that updates every parameter as soon as its gradient is ready.
+
+        ``lr`` (default: the first group's ``lr``) is the learning rate of this update, for every
+        group. With ``max_grad_norm > 0`` a norm pass runs first (see :meth:`grad_norm`) and the
+        gradients are clipped to that global norm; the measured pre-clip norm is returned. Without
+        clipping no norm is measured and ``None`` is returned.
+        """
+        self.lr = float(self.param_groups[0]["lr"] if lr is None else lr)
+        total_norm = None
+        self.clip_coef = None
+        if max_grad_norm is not None and max_grad_norm > 0:
+            total_norm = self.grad_norm(loss, max_grad_norm)
+        self.step_num += 1
+        try:
+            self._backward(loss, "update")
+        finally:
+            self.clip_coef = None
+        return None if total_norm is None else float(total_norm)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """No-op: the update already ran inside :meth:`fused_backward`."""
+        if closure is not None:
+            raise RuntimeError(
+                f"{type(self).__name__} updates inside the backward pass: call fused_backward(loss, lr), not step(closure)"
+            )
+        return None
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks from the parameters (the optimizer is unusable afterwards)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out[EXTRA_STATE_KEY] = {"step": self.step_num}
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop(EXTRA_STATE_KEY, {})
+        super().load_state_dict(state_dict)
+        # torch casts floating-point state to the parameter's dtype; the statistics stay float32
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+        self.step_num = int(extra.get("step", 0))
+
+
+class Lomo(FusedBackwardOptimizer):
+    """LOMO: SGD fused into the backward pass (``lomo_optim.Lomo``'s update, per parameter).
+
+    Args:
+        params: parameters or parameter groups (each group may set ``weight_decay``).
+        lr: learning rate (``fused_backward`` overrides it per step).
+        weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (default for groups).
+        clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        clip_grad_value: float | None = None,
+    ) -> None:
+        defaults = {"lr": lr, "weight_decay": weight_decay, "clip_grad_value": clip_grad_value}
+        super().__init__(params, defaults)
+
+    def _update(self, p: torch.Tensor, grad_fp32: torch.Tensor, group: dict[str, Any]) -> None:
+        # lomo_optim 0.1.1, Lomo.fuse_update, the non-gather branch
+        clip_value = group["clip_grad_value"]
+        if clip_value is not None and clip_value > 0:
+            grad_fp32.clamp_(min=-clip_value, max=clip_value)
+        if self.clip_coef is not None:
+            grad_fp32.mul_(self.clip_coef)
+        p_fp32 = p.data.to(torch.float32)
+        weight_decay = group["weight_decay"]
+        if weight_decay > 0.0:
+            p_fp32.mul_(1.0 - self.lr * weight_decay)
+        p_fp32.add_(grad_fp32, alpha=-self.lr)
+        p.data.copy_(p_fp32)
+
+
+class AdaLomo(FusedBackwardOptimizer):
+    """AdaLomo: LOMO with Adafactor-style factored second moments (``lomo_optim.AdaLomo``'s update).
+
+    The statistics are float32 tensors in ``self.state[p]`` on the parameter's device
+    (``exp_avg_sq_row``/``exp_avg_sq_col`` for matrices, ``exp_avg_sq`` for vectors), so they are
+    saved and resumed with the optimizer's ``state_dict``.
+
+    Args:
+        params: parameters or parameter groups (each group may set ``weight_decay``).
+        lr: learning rate (``fused_backward`` overrides it per step); the step is scaled by
+            ``max(eps[1], RMS(p))``.
+        loss_scale: static loss scale; the loss is multiplied and the gradients divided by it
+            (upstream's default 2**10; 0 disables).
+        eps: ``(eps1, eps2)``: eps1 is added to the squared gradient, eps2 bounds the parameter RMS
+            from below.
+        clip_threshold: the update is divided by ``max(1, RMS(update) / clip_threshold)``.
+        decay_rate: ``beta2_t = 1 - t ** decay_rate``.
+        weight_decay: decoupled weight decay ``p *= 1 - lr_t * weight_decay`` (default for groups).
+        clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        loss_scale: float = 2**10,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+        clip_grad_value: float | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "eps": tuple(eps),
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "weight_decay": weight_decay,
+            "clip_grad_value": clip_grad_value,
+        }
+        self.loss_scale = loss_scale
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if p.dim() > 1:  # factored: one row and one column statistic (Adafactor's shapes)
+                    state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], dtype=torch.float32, device=p.device)
+                    state["exp_avg_sq_col"] = torch.zeros(
+                        p.shape[:-2] + p.shape[-1:], dtype=torch.float32, device=p.device
+                    )
+                else:
+                    state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scale if self.loss_scale else loss
+
+    def _unscale(self, grad_fp32: torch.Tensor) -> None:
+        if self.loss_scale:
+            grad_fp32.div_(self.loss_scale)
+
+    def _update(self, p: torch.Tensor, grad_fp32: torch.Tensor, group: dict[str, Any]) -> None:
+        # lomo_optim 0.1.1, AdaLomo.fuse_update, the non-gather branch, with the state in self.state
+        eps, state = group["eps"], self.state[p]
+        clip_value = group["clip_grad_value"]
+        if clip_value is not None and clip_value > 0:
+            grad_fp32.clamp_(min=-clip_value, max=clip_value)
+        if self.clip_coef is not None:
+            grad_fp32.mul_(self.clip_coef)
+
+        decay_rate = group["decay_rate"]
+        if self.step_num == 0 and decay_rate < 0:  # upstream's guard against 0 ** negative
+            decay_rate = -decay_rate
+        beta2t = 1.0 - math.pow(self.step_num, decay_rate)
+        update = (grad_fp32**2) + eps[0]
+        if p.dim() > 1:
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
+            update = Upstream._approx_sq_grad(row, col)
+            update.mul_(grad_fp32)
+        else:
+            exp_avg_sq = state["exp_avg_sq"]
+            exp_avg_sq.mul_(beta2t).add_(update, alpha=1.0 - beta2t)
+            update = exp_avg_sq.rsqrt().mul_(grad_fp32)
+
+        update.div_((Upstream._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+
+        p_fp32 = p.data.to(torch.float32)
+        p_rms = torch.norm(p_fp32, 2.0) / math.sqrt(p.numel())
+        lr = self.lr
+        param_scale = max(eps[1], p_rms)
+        lr = lr * param_scale
+        weight_decay = group["weight_decay"]
+        if weight_decay > 0.0:
+            p_fp32.mul_(1.0 - lr * weight_decay)
+        p_fp32.add_(update, alpha=-lr)
+        p.data.copy_(p_fp32)
