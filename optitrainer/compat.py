@@ -47,7 +47,12 @@ def argument_conflicts(resolved: ResolvedOptimizer, args: Any) -> list[str]:
         )
     if not caps.gradient_clipping and clip > 0:
         out.append(f"max_grad_norm={clip}: {name} cannot clip gradients truthfully; set max_grad_norm=0")
-    if not caps.fp16 and getattr(args, "fp16", False):
+    if resolved.layerwise and getattr(args, "fp16", False):
+        out.append(
+            f"fp16=True: {name} steps each parameter during backward, before fp16 loss scaling could be undone; "
+            "use bf16=True or fp32"
+        )
+    elif not caps.fp16 and getattr(args, "fp16", False):
         out.append(f"fp16=True: {name} does not support fp16 loss scaling; use bf16=True or fp32")
     if caps.requires_cuda and (getattr(args, "use_cpu", False) or not _cuda_available()):
         out.append(

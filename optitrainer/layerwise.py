@@ -12,6 +12,10 @@ Gradient clipping (``max_grad_norm > 0``) is exact and costs a second forward/ba
 measures the global gradient norm (freeing each gradient once its norm is taken), a second pass, with
 the same RNG state, scales each gradient by ``torch.nn.utils.clip_grad_norm_``'s coefficient before
 its update. With accumulation it is refused (the norm needs every gradient before any update).
+Because the trainer's ``compute_loss`` runs twice per step when clipping, anything it counts (e.g.
+TRL's token counts and metrics) is counted twice; set ``max_grad_norm=0`` to train in one pass.
+
+fp16 loss scaling is refused: the per-parameter step would see scaled gradients.
 """
 
 from __future__ import annotations

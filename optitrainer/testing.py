@@ -168,3 +168,155 @@ def assert_learns(result: RunResult, *, min_drop: float = 0.05) -> None:
 
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
+
+
+# --- conformance kit ---------------------------------------------------------------------------
+#: the guide's target modules; select the attention and MLP linears of a Llama
+GUIDE_TARGET_MODULES = [r".*.attn.*", r".*.mlp.*"]
+
+
+@dataclass(frozen=True)
+class ConformanceCase:
+    """One ``optim=`` value to check, with the training arguments it needs to run at all."""
+
+    optim: str
+    args: dict[str, Any] = field(default_factory=dict)
+    skip: str | None = None
+
+    def __str__(self) -> str:
+        return self.optim
+
+
+def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCase]:
+    """Every registered optimizer (or ``names``), plus its ``_layerwise`` form where it has one."""
+    from .registry import LAYERWISE_SUFFIX, REGISTRY, is_installed
+
+    cases = []
+    for info in REGISTRY.list():
+        if names is not None and info.name not in names:
+            continue
+        if info.error:
+            cases.append(ConformanceCase(info.name, skip=f"plugin failed to load: {info.error}"))
+            continue
+        spec = REGISTRY.resolve(info.name, check_installed=False).spec
+        caps = spec.capabilities
+        args: dict[str, Any] = {}
+        skip = None
+        if caps.needs_target_modules:
+            args["optim_target_modules"] = GUIDE_TARGET_MODULES
+        if not is_installed(spec):
+            skip = f"upstream package not installed ({spec.pip_command()})"
+        elif caps.requires_cuda and not torch.cuda.is_available():
+            skip = "needs a CUDA device"
+        cases.append(ConformanceCase(info.name, args, skip))
+        if caps.layerwise:
+            cases.append(ConformanceCase(info.name + LAYERWISE_SUFFIX, args, skip))
+    return cases
+
+
+def check_resume(case: ConformanceCase, tmp_dir, *, steps: int = 4) -> None:
+    """``2*steps`` straight == ``steps`` + save + resume in a fresh trainer + ``steps``: same bits.
+
+    Also checks the optimizer checkpoint loads with ``torch.load(weights_only=True)``.
+    """
+    from pathlib import Path
+
+    tmp = Path(tmp_dir)
+    kw = {"warmup_steps": 2, "weight_decay": 0.01, **case.args}
+    straight = run_training(case.optim, tmp / "straight", steps=2 * steps, **kw)
+    run_training(case.optim, tmp / "half", steps=2 * steps, save_strategy="steps", save_steps=steps, **kw)
+    ckpt = tmp / "half" / f"checkpoint-{steps}"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert state, "the checkpoint holds no optimizer state"
+    resumed = run_training(case.optim, tmp / "half", steps=2 * steps, resume_from_checkpoint=str(ckpt), **kw)
+    assert_same_run(resumed, straight)
+    assert resumed.learning_rates == straight.learning_rates
+
+
+def check_scheduled_lr_reaches_update(case: ConformanceCase, tmp_dir) -> None:
+    """A warmup that starts at lr 0 must leave the weights untouched on step 1; later steps move them.
+
+    (Some optimizers stay still for a few steps by design, e.g. schedule-free RAdam's rectification.)
+    """
+    from transformers import TrainerCallback
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    model = tiny_llama()
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    from .trainer import OptiTrainer
+
+    args = training_arguments(
+        tmp_dir,
+        optim=case.optim,
+        max_steps=8,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=2,
+        **case.args,
+    )
+    trainer = OptiTrainer(model=model, args=args, train_dataset=SyntheticLMDataset(), callbacks=[Snapshot()])
+    trainer.train()
+    assert len(snapshots) == 8
+    moved_at_lr0 = max_param_diff(initial, snapshots[0])
+    assert moved_at_lr0 == 0.0, f"step 1 ran at scheduled lr 0 but weights moved by {moved_at_lr0:g}"
+    assert max_param_diff(snapshots[0], snapshots[-1]) > 0, "steps 2-8 (lr > 0) did not move the weights"
+
+
+def check_layerwise_matches_standard(case: ConformanceCase, tmp_dir, *, steps: int = 8) -> None:
+    """``X_layerwise`` == ``X`` (no clipping, warmup + linear decay): same losses and weights, bit for bit."""
+    from pathlib import Path
+
+    from .registry import LAYERWISE_SUFFIX
+
+    assert case.optim.endswith(LAYERWISE_SUFFIX)
+    kw = {"max_grad_norm": 0.0, "warmup_steps": 2, "weight_decay": 0.01, **case.args}
+    lw = run_training(case.optim, Path(tmp_dir) / "lw", steps=steps, **kw)
+    std = run_training(case.optim[: -len(LAYERWISE_SUFFIX)], Path(tmp_dir) / "std", steps=steps, **kw)
+    assert_same_run(lw, std)
+
+
+def check_refusals(case: ConformanceCase) -> None:
+    """Every combination the capability flags rule out is refused, with the setting to change named."""
+    from types import SimpleNamespace
+
+    from .compat import argument_conflicts
+    from .registry import REGISTRY
+
+    resolved = REGISTRY.resolve(case.optim, check_installed=False)
+    caps = resolved.spec.capabilities
+    base = {
+        "gradient_accumulation_steps": 1,
+        "max_grad_norm": 0.0,
+        "fp16": False,
+        "use_cpu": False,
+        "world_size": 1,
+        "deepspeed": None,
+        "fsdp": [],
+        "optim_target_modules": GUIDE_TARGET_MODULES,
+    }
+
+    def conflicts(**changes: Any) -> list[str]:
+        return argument_conflicts(resolved, SimpleNamespace(**{**base, **changes}))
+
+    if not caps.requires_cuda or torch.cuda.is_available():
+        assert conflicts() == [], conflicts()
+    if caps.needs_target_modules:
+        assert any("optim_target_modules" in c for c in conflicts(optim_target_modules=None))
+    if not caps.gradient_accumulation:
+        assert any("gradient_accumulation_steps=1" in c for c in conflicts(gradient_accumulation_steps=2))
+    if not caps.gradient_clipping:
+        assert any("max_grad_norm=0" in c for c in conflicts(max_grad_norm=1.0))
+    if not caps.fp16 or resolved.layerwise:
+        assert any("fp16" in c for c in conflicts(fp16=True))
+    if caps.requires_cuda:
+        assert any("CUDA" in c for c in conflicts(use_cpu=True))
+    modes = {"ddp": {"world_size": 2}, "fsdp": {"world_size": 2, "fsdp": ["full_shard"]}}
+    modes["deepspeed"] = {"world_size": 2, "deepspeed": "ds.json"}
+    for mode, changes in modes.items():
+        found = [c for c in conflicts(**changes) if mode.upper() in c]
+        supported = mode in caps.distributed and not resolved.layerwise
+        assert bool(found) != supported, (mode, found)

@@ -1,0 +1,41 @@
+# optitrainer — the front door. `make install` then `make test` (or `make demo`).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build by default; a GPU user may pass e.g. TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH  ?= torch==2.13.0
+PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
+PYTEST_ARGS ?=
+
+.PHONY: install test demo bench lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip setuptools wheel
+	@# torch first: asking pip for an unpinned torch (as a dependency) would pull several GB of CUDA wheels
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install -e ".[test,bench]"
+	$(BIN)/python -m pip install $(foreach p,$(PLUGINS),-e $(p))
+	$(BIN)/optitrainer list
+
+test:
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+demo:
+	$(BIN)/python examples/demo.py
+
+bench:
+	$(BIN)/optitrainer bench --optim adamw_torch,adamw_torch_layerwise,galore_adamw_layerwise,adalomo --baseline transformers
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info plugins/*/*.egg-info .pytest_cache bench-results
