@@ -42,3 +42,28 @@ def test_info_unknown_name_suggests_and_fails():
     out = cli("info", "sgdd")
     assert out.returncode == 2
     assert "Did you mean: 'sgd'" in out.stdout
+
+
+def test_seed_plugins_are_listed_with_their_distribution():
+    out = cli("list").stdout
+    expected = {
+        "galore_adamw": "optitrainer-galore",
+        "apollo_mini": "optitrainer-apollo",
+        "adalomo": "optitrainer-lomo",
+        "schedule_free_radam": "optitrainer-schedulefree",
+        "stable_adamw": "optitrainer-optimi",
+        "grokadamw": "optitrainer-grokadamw",
+    }
+    for name, dist in expected.items():
+        row = next((line for line in out.splitlines() if line.startswith(f"│ {name} ")), None)
+        assert row is not None, f"{name} not listed"
+        assert f"{dist} 0.1.0" in row, row
+    assert "Plugins not installed" not in out
+
+
+def test_info_galore_shows_its_options_table():
+    text = cli("info", "galore_adamw").stdout
+    assert "provided by: optitrainer-galore 0.1.0" in text
+    for key in ("rank", "update_proj_gap", "scale", "proj_type"):
+        assert f"│ {key} " in text
+    assert "128" in text and "200" in text and "0.25" in text and "'std'" in text
