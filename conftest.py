@@ -2,9 +2,16 @@
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models train fastest on one thread; on a 2-core CI machine more threads only contend.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _run_in_tmp_dir(tmp_path, monkeypatch):
+    """Run each test from its own temporary folder: relative output_dirs never land in the checkout."""
+    monkeypatch.chdir(tmp_path)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from types import SimpleNamespace
+
+import pytest
+
+from optitrainer.cli import main
 
 
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "optitrainer.cli", *argv],
-        capture_output=True,
-        text=True,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*argv: str) -> SimpleNamespace:
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
 
 
-def test_list_shows_names_modes_provenance_and_summary():
+def test_list_shows_names_modes_provenance_and_summary(cli):
     out = cli("list")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -30,7 +36,7 @@ def test_list_shows_names_modes_provenance_and_summary():
     assert "layerwise" not in muon
 
 
-def test_info_shows_typed_options_and_defaults():
+def test_info_shows_typed_options_and_defaults(cli):
     out = cli("info", "sgd")
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -38,13 +44,13 @@ def test_info_shows_typed_options_and_defaults():
     assert "momentum" in text and "float in [0, inf]" in text and "nesterov" in text and "False" in text
 
 
-def test_info_unknown_name_suggests_and_fails():
+def test_info_unknown_name_suggests_and_fails(cli):
     out = cli("info", "sgdd")
     assert out.returncode == 2
     assert "Did you mean: 'sgd'" in out.stdout
 
 
-def test_seed_plugins_are_listed_with_their_distribution():
+def test_seed_plugins_are_listed_with_their_distribution(cli):
     out = cli("list").stdout
     expected = {
         "galore_adamw": "optitrainer-galore",
@@ -61,7 +67,7 @@ def test_seed_plugins_are_listed_with_their_distribution():
     assert "Plugins not installed" not in out
 
 
-def test_info_galore_shows_its_options_table():
+def test_info_galore_shows_its_options_table(cli):
     text = cli("info", "galore_adamw").stdout
     assert "provided by: optitrainer-galore 0.1.0" in text
     for key in ("rank", "update_proj_gap", "scale", "proj_type"):
