@@ -68,7 +68,7 @@ def train_one(optim: str, args_ns, train, evaluation, out_dir: str) -> dict:
         report_to="none",
         use_cpu=True,
         seed=0,
-        disable_tqdm=True,
+        disable_tqdm=False,  # a progress bar per run
         **extra,
     )
     model = tiny_llama(
@@ -104,9 +104,13 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)"
+    )
     ns = parser.parse_args()
+    torch.set_num_threads(ns.threads)
 
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     train, evaluation = load_corpus(ns.corpus, ns.seq_len)
     console.print(
         f"corpus: {ns.corpus.name}, {len(train)} train / {len(evaluation)} eval blocks of {ns.seq_len} bytes"
