@@ -190,3 +190,31 @@ def test_layerwise_resume_is_exact(tmp_path):
         resume_from_checkpoint=str(tmp_path / "h" / "checkpoint-4"),
     )
     assert_same_run(resumed, straight)
+
+
+def test_plain_training_arguments_get_plugins_and_typed_options(tmp_path):
+    from transformers import TrainingArguments
+
+    from optitrainer import InvalidOptimArgsError
+
+    args = training_arguments(
+        tmp_path, arguments_cls=TrainingArguments, optim="sgd", optim_args="momentum=0.9"
+    )
+    trainer = OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset())
+    opt = trainer.create_optimizer()
+    assert opt.param_groups[0]["momentum"] == 0.9  # typed by optitrainer's spec, not transformers' handler
+    bad = training_arguments(
+        tmp_path, arguments_cls=TrainingArguments, optim="sgd", optim_args="momentun=0.9"
+    )
+    with pytest.raises(InvalidOptimArgsError, match="did you mean 'momentum'"):
+        OptiTrainer(model=tiny_llama(), args=bad, train_dataset=SyntheticLMDataset())
+
+
+def test_user_supplied_optimizer_is_left_alone(tmp_path):
+    model = tiny_llama()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    args = training_arguments(tmp_path, optim="adamw_torch", max_steps=2)
+    trainer = OptiTrainer(model=model, args=args, train_dataset=SyntheticLMDataset(), optimizers=(opt, sched))
+    trainer.train()
+    assert trainer.optimizer.optimizer is opt
