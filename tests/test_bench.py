@@ -119,6 +119,7 @@ def test_cli_writes_table_json_csv_and_png(tmp_path, capsys):
     assert len(adamw["losses"]) == 2 and adamw["timing"]["median_step_s"] > 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["optim"] for r in rows] == ["adamw_torch", "sgd_layerwise"]
+    assert "| sgd_layerwise | optitrainer |" in (out / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (out / "bench.png").stat().st_size > 10_000
 

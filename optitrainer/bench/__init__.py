@@ -1,9 +1,9 @@
 """``optitrainer bench``: what each optimizer costs in memory, speed and loss, on your model.
 
-Each optimizer runs in its own process (``optitrainer.bench.runner``), optionally next to the same
-optimizer under plain ``transformers.Trainer``; the results go to a terminal table and to
-``results.json``, ``results.csv`` and ``bench.png`` in ``--out``. See ``docs/benchmarks.md`` for how
-each figure is measured.
+Each optimizer runs in its own process (:mod:`optitrainer.bench.runner`), optionally next to the
+same optimizer under plain ``transformers.Trainer``; the results go to a terminal table and to
+``results.json``, ``results.csv``, ``results.md`` and ``bench.png`` in ``--out``. See
+``docs/benchmarks.md`` for how each figure is measured.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import statistics
 import sys
 from collections.abc import Sequence
@@ -112,7 +113,7 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
     from ..registry import REGISTRY
 
     per_optim = dict(ns.optim_args_for)
-    names = [n.strip() for n in ns.optim.split(",") if n.strip()]
+    names = list(dict.fromkeys(n.strip() for n in ns.optim.split(",") if n.strip()))
     if not names:
         raise ValueError("--optim: give at least one optimizer name")
     device = ns.device
@@ -135,6 +136,7 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
         "threads": ns.threads,
     }
     pairs, skipped = [], []
+    names_order: dict[str, int] = {}
     for name in names:
         resolved = REGISTRY.resolve(name)
         caps = resolved.spec.capabilities
@@ -142,6 +144,7 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
             resolved.provenance.distribution == "transformers"
             and resolved.name.startswith(_TRANSFORMERS_TARGETED)
         )
+        names_order.setdefault(resolved.name, len(names_order))
         grad_rule = memory.GRADS_LARGEST if resolved.layerwise or caps.owns_backward else memory.GRADS_ALL
         base = dict(
             common,
@@ -166,11 +169,15 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
                 )
             else:
                 pairs.append(dict(base, trainer="transformers", trainer_optim=hf))
-    configs = [
-        RunConfig(**dict(kw, repeat=r, mem_steps=ns.mem_steps if r == 0 else 0))
-        for r in range(max(ns.repeats, 1))
-        for kw in pairs
-    ]
+    configs = []
+    for r in range(max(ns.repeats, 1)):
+        # odd repeats run transformers first: neither trainer always inherits the other's warm caches
+        order = (
+            pairs
+            if r % 2 == 0
+            else sorted(pairs, key=lambda kw: (names_order[kw["optim"]], kw["trainer"] == "optitrainer"))
+        )
+        configs += [RunConfig(**dict(kw, repeat=r, mem_steps=ns.mem_steps if r == 0 else 0)) for kw in order]
     return configs, skipped
 
 
@@ -204,7 +211,7 @@ def _meta(ns: argparse.Namespace, argv: Sequence[str], runs: list[dict[str, Any]
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     return {
-        "command": "optitrainer bench " + " ".join(argv),
+        "command": "optitrainer bench " + shlex.join(argv),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model,
         "model_label": f"{ns.model} ({n / 1e6:.2f}M params)" if n else ns.model,
@@ -230,7 +237,8 @@ def _meta(ns: argparse.Namespace, argv: Sequence[str], runs: list[dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
-    console = Console(width=max(Console().width, 160))
+    # a terminal keeps its width; a file or pipe gets the whole table on one line per row
+    console = Console() if sys.stdout.isatty() else Console(width=220)
     try:
         configs, skipped = plan(ns)
     except (LookupError, ImportError, ValueError, TypeError) as exc:  # optitrainer's errors subclass these
@@ -245,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = [
         report.write_json(summary, out / "results.json"),
         report.write_csv(summary, out / "results.csv"),
+        report.write_markdown(summary, out / "results.md"),
     ]
     png = report.write_png(summary, out / "bench.png")
     if png is None:

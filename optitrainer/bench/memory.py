@@ -11,12 +11,13 @@
 
 When the running total reaches a new maximum, the tracker copies the list of live storages at the
 next free (so the copy is exactly the state at the peak). Roles are tagged on storages, not on
-bytes: the weights, the ``.grad`` of every parameter (also gradients still in flight to a
-parameter, seen by a tensor hook before they are accumulated), and every tensor reachable from the
-optimizer's state (also per-parameter inner optimizers and wrappers). A storage keeps the first role
-it is seen with (weights > gradients > optimizer state); everything else is ``other``: activations
-saved for backward, temporaries, batches, buffers. The breakdown is computed at the end, so a
-gradient that was still in flight at the peak counts as a gradient.
+bytes, at the next operation after each copy and at the end: the weights, the ``.grad`` of every
+parameter (also gradients still in flight to a parameter, tagged by a tensor hook before they are
+accumulated, see :class:`GradientWatch`), and every tensor reachable from the optimizer's state
+(also per-parameter inner optimizers and wrappers). A storage keeps its highest role (weights >
+gradients > optimizer state); everything else is ``other``: activations saved for backward,
+temporaries, batches, buffers, listed by the aten operation that allocated them. The breakdown is
+computed at the end, so a gradient that was still in flight at the peak counts as a gradient.
 
 Memory that no aten operation returns (a kernel's private scratch space, the allocator's own
 overhead, Python objects) is not counted; the peak RSS is reported next to it as a cross-check.
@@ -45,30 +46,32 @@ RolesFn = Callable[[], dict[str, Iterable[torch.Tensor]]]
 class _OutputsMode(TorchDispatchMode):
     """Hands every tensor an aten operation returns to ``on_output``."""
 
-    def __init__(self, on_output: Callable[[torch.Tensor], None]):
+    def __init__(self, on_output: Callable[[torch.Tensor, Any], None], before: Callable[[], None]):
         super().__init__()
-        self._on_output = on_output
+        self._on_output, self._before = on_output, before
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._before()
         out = func(*args, **(kwargs or {}))
         if isinstance(out, torch.Tensor):
-            self._on_output(out)
+            self._on_output(out, func)
         elif isinstance(out, (tuple, list)):
             for t in out:
                 if isinstance(t, torch.Tensor):
-                    self._on_output(t)
+                    self._on_output(t, func)
                 elif isinstance(t, (tuple, list)):  # e.g. aten ops returning lists of lists
                     for u in t:
                         if isinstance(u, torch.Tensor):
-                            self._on_output(u)
+                            self._on_output(u, func)
         return out
 
 
 class LiveTensorTracker:
     """Exact count of live tensor-storage bytes on one device type, with a breakdown at the peak.
 
-    ``roles`` is called at every snapshot and at :meth:`stop`; it returns the tensors that currently
-    hold each role (``params``, ``grads``, ``optimizer_state``). Use as a context manager::
+    ``roles`` is called after every snapshot of a new peak (at the next operation) and at
+    :meth:`stop`; it returns the tensors that currently hold each role (``params``, ``grads``,
+    ``optimizer_state``). Use as a context manager::
 
         tracker = LiveTensorTracker("cpu", roles=training_roles(model, lambda: trainer.optimizer))
         with tracker:
@@ -82,8 +85,10 @@ class LiveTensorTracker:
         # id(storage) -> [uid, nbytes, weakref]; uids are never reused, so tags outlive the storage
         self._live: dict[int, list[Any]] = {}
         self._role_of: dict[int, str] = {}
+        self._origin: dict[int, Any] = {}  # uid -> the aten op that created the storage
         self._next_uid = 0
         self._pending = False
+        self._tags_pending = False
         self._peak_live: dict[int, int] = {}
         self._mode: _OutputsMode | None = None
         #: bytes alive now / at the highest point since :meth:`start`
@@ -98,7 +103,7 @@ class LiveTensorTracker:
         """Register tensors that already exist (weights, buffers), then watch every operation."""
         for t in existing:
             self._track(t)
-        self._mode = _OutputsMode(self._track)
+        self._mode = _OutputsMode(self._track, self._flush_tags)
         self._mode.__enter__()
         return self
 
@@ -108,6 +113,7 @@ class LiveTensorTracker:
             self._mode = None
         if self._pending:
             self._snapshot()
+        self._tags_pending = False
         self._tag_roles()  # state that lives on (it existed at the peak if its storage did)
 
     def __enter__(self) -> LiveTensorTracker:
@@ -125,7 +131,7 @@ class LiveTensorTracker:
         except (RuntimeError, NotImplementedError):  # tensors without a storage
             return None
 
-    def _track(self, t: torch.Tensor) -> int | None:
+    def _track(self, t: torch.Tensor, origin: Any = "existing") -> int | None:
         st = self._storage(t)
         if st is None:
             return None
@@ -135,6 +141,7 @@ class LiveTensorTracker:
         if entry is None:
             uid = self._next_uid
             self._next_uid += 1
+            self._origin[uid] = origin
             ref = weakref.ref(st, lambda _ref, key=key: self._on_free(key))
             self._live[key] = [uid, nbytes, ref]
             self._grow(nbytes)
@@ -164,9 +171,17 @@ class LiveTensorTracker:
             self._shrink(entry[1])
 
     def _snapshot(self) -> None:
+        # called while a storage is being deallocated: copy numbers only, touch no tensor here
+        # (asking a tensor for its storage during a deallocation can crash); roles are tagged at
+        # the next operation, when every role tensor of the peak that is still alive can be asked
         self._pending = False
         self._peak_live = {uid: n for uid, n, _ in self._live.values()}
-        self._tag_roles()
+        self._tags_pending = True
+
+    def _flush_tags(self) -> None:
+        if self._tags_pending:
+            self._tags_pending = False
+            self._tag_roles()
 
     # roles ----------------------------------------------------------------------------------
     def tag(self, tensors: Iterable[torch.Tensor] | torch.Tensor, role: str) -> None:
@@ -193,6 +208,15 @@ class LiveTensorTracker:
             return
         for role, tensors in self._roles_fn().items():
             self.tag(tensors, role)
+
+    def other_by_origin(self, top: int = 8) -> dict[str, int]:
+        """Bytes of ``other`` at the peak by the aten operation that allocated them, largest first."""
+        sums: dict[str, int] = {}
+        for uid, nbytes in self._peak_live.items():
+            if uid not in self._role_of:
+                name = str(self._origin.get(uid, "?"))
+                sums[name] = sums.get(name, 0) + nbytes
+        return dict(sorted(sums.items(), key=lambda kv: -kv[1])[:top])
 
     def breakdown(self) -> dict[str, int]:
         """Bytes per role at the peak (``total`` equals :attr:`peak`)."""
@@ -260,6 +284,11 @@ def optimizer_state_tensors(optimizer: Any) -> list[torch.Tensor]:
             for per_param in state.values():
                 walk(per_param, 0)
     return out
+
+
+def optimizer_state_bytes(optimizer: Any) -> int:
+    """Bytes of the distinct storages in the optimizer's state (see :func:`optimizer_state_tensors`)."""
+    return unique_storage_bytes(optimizer_state_tensors(optimizer))
 
 
 def training_roles(model: torch.nn.Module, get_optimizer: Callable[[], Any]) -> RolesFn:

@@ -36,6 +36,7 @@ def summarize(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
                     _get(ours, "memory", "peak_bytes"), _get(theirs, "memory", "peak_bytes")
                 ),
                 "final_loss_diff": _diff(ours.get("final_loss"), theirs.get("final_loss")),
+                "repeat_spread": _max(_spread(ours), _spread(theirs)),
             }
         )
     return {"meta": meta, "runs": runs, "comparisons": comparisons, "targets": targets(runs, comparisons)}
@@ -56,12 +57,28 @@ def targets(runs: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> li
                 _check(r["optim"], "max grad bytes / largest param", r["max_grads_over_largest_param"], 1.0)
             )
         if r.get("peak_over_floor") is not None:
-            out.append(_check(r["optim"], "peak / floor", r["peak_over_floor"], MAX_PEAK_OVER_FLOOR))
+            check = _check(r["optim"], "peak / floor", r["peak_over_floor"], MAX_PEAK_OVER_FLOOR)
+            bd = r["memory"].get("breakdown_at_peak") or {}
+            if bd.get("total"):
+                # the floor leaves activations out: say how much of the peak they (and temporaries) are
+                check["note"] = f"other = {bd['other'] / bd['total']:.0%} of the peak"
+            out.append(check)
     return out
 
 
 def _check(optim: str, what: str, value: float, limit: float) -> dict[str, Any]:
     return {"optim": optim, "check": what, "value": value, "limit": limit, "ok": value <= limit}
+
+
+def _spread(run: dict[str, Any]) -> float | None:
+    """Largest / smallest median step time over the repeats of one run: how noisy the machine is."""
+    medians = [m for m in _get(run, "timing", "repeat_medians_s") or [] if m]
+    return max(medians) / min(medians) if len(medians) > 1 else None
+
+
+def _max(*xs: float | None) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return max(xs) if xs else None
 
 
 def _get(run: dict[str, Any], *keys: str) -> Any:
@@ -116,6 +133,7 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
         "max grads",
         "floor",
         "peak/floor",
+        "RSS Δ",
     ):
         left = col in ("optimizer", "trainer")
         table.add_column(col, justify="left" if left else "right", no_wrap=left)
@@ -142,6 +160,7 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
             human_bytes(mem.get("max_grad_bytes_alive")),
             human_bytes(r["floor"]["total"]),
             _fmt(r.get("peak_over_floor"), ".2f"),
+            human_bytes(mem.get("rss_delta_bytes")),
         )
     console.print(table)
     for note in notes:
@@ -154,6 +173,7 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
             "step-time ratio",
             "peak-memory ratio",
             "final-loss diff",
+            "repeat spread",
         ):
             cmp.add_column(col, justify="left" if col in ("optimizer", "transformers name") else "right")
         for c in summary["comparisons"]:
@@ -163,14 +183,22 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
                 _mark(c["time_ratio"], MAX_TIME_RATIO),
                 _mark(c["memory_ratio"], MAX_MEMORY_RATIO),
                 _fmt(c["final_loss_diff"], "+.2e"),
+                _fmt(c.get("repeat_spread"), ".3f"),
             )
         console.print(cmp)
+        if any(c.get("repeat_spread") for c in summary["comparisons"]):
+            console.print(
+                "repeat spread: slowest / fastest median step time over the --repeats of one trainer; "
+                "a step-time ratio closer to 1 than that is within the machine's noise"
+            )
     failed = [t for t in summary["targets"] if not t["ok"]]
     if failed:
-        console.print(
-            "[yellow]targets missed:[/yellow] "
-            + "; ".join(f"{t['optim']}: {t['check']} = {t['value']:.3f} > {t['limit']:g}" for t in failed)
-        )
+        console.print("[yellow]targets missed[/yellow] (docs/benchmarks.md explains each figure):")
+        for t in failed:
+            note = f" ({t['note']})" if t.get("note") else ""
+            console.print(
+                f"  {t['optim']}: {t['check']} = {t['value']:.3f} > {t['limit']:g}{note}", markup=False
+            )
 
 
 def _mark(value: float | None, limit: float) -> str:
@@ -252,6 +280,62 @@ def write_csv(summary: dict[str, Any], path: Path) -> Path:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(csv_rows(summary))
+    return path
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The tables as Markdown (``results.md``), with the command that produced them."""
+    meta = summary["meta"]
+    lines = [f"`{meta['command']}`", ""]
+    lines.append(
+        f"{meta['model_label']}, batch {meta['batch_size']} x seq {meta['seq_len']}, {meta['device']} "
+        f"({meta.get('torch_threads')} torch threads), {meta['steps']} timed steps x {meta['repeats']} repeat(s)"
+    )
+    lines += [
+        "",
+        "| optimizer | trainer | step ms | tok/s | final loss | peak | params | grads@peak | state | other "
+        "| max grads | floor | peak/floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary["runs"]:
+        if not r.get("ok"):
+            why = "n/a" if r.get("skipped") else "failed"
+            lines.append(f"| {r['optim']} | {r['trainer']} | {why}: {r.get('error', '')} |" + " |" * 10)
+            continue
+        mem, bd = r["memory"], r["memory"].get("breakdown_at_peak") or {}
+        median = r["timing"]["median_step_s"]
+        cells = [
+            r["optim"],
+            r["trainer"],
+            _fmt(median * 1e3 if median else None, ".1f"),
+            _fmt(r["timing"]["tokens_per_s"], ".0f"),
+            _fmt(r.get("final_loss"), ".4f"),
+            human_bytes(mem["peak_bytes"]),
+            human_bytes(bd.get("params")),
+            human_bytes(bd.get("grads")),
+            human_bytes(bd.get("optimizer_state")),
+            human_bytes(bd.get("other")),
+            human_bytes(mem.get("max_grad_bytes_alive")),
+            human_bytes(r["floor"]["total"]),
+            _fmt(r.get("peak_over_floor"), ".3f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["comparisons"]:
+        lines += [
+            "",
+            "| optimizer | step-time ratio | peak-memory ratio | final-loss diff | repeat spread |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for c in summary["comparisons"]:
+            lines.append(
+                f"| {c['optim']} | {_fmt(c['time_ratio'], '.3f')} | {_fmt(c['memory_ratio'], '.3f')} "
+                f"| {_fmt(c['final_loss_diff'], '+.2e')} | {_fmt(c.get('repeat_spread'), '.3f')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(summary: dict[str, Any], path: Path) -> Path:
+    path.write_text(markdown(summary))
     return path
 
 

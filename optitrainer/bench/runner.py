@@ -1,12 +1,12 @@
 """One benchmark run in its own process: one optimizer under one trainer.
 
-``python -m optitrainer.bench.runner --config RUN.json --json-out RESULT.json``
+``python -m optitrainer.bench._child --config RUN.json --json-out RESULT.json``
 
 Two phases, each on a freshly built model with the same seed:
 
 1. **timed**: ``steps`` optimizer steps with nothing watching but a clock; gives the step times,
-   the loss curve, the optimizer state left at the end, the peak RSS (and, on CUDA, the allocator's
-   peak);
+   the loss curve, the optimizer state right after the last step, the peak RSS (and, on CUDA, the
+   allocator's peak);
 2. **tracked**: ``mem_steps`` steps under :class:`~optitrainer.bench.memory.LiveTensorTracker`,
    which counts every live tensor byte and its role at the peak (slower, so not timed).
 
@@ -75,9 +75,19 @@ def emit(event: dict[str, Any]) -> None:
 class _StepClock(TrainerCallback):
     """Wall time between consecutive optimizer steps (everything the loop does: data, step, logging)."""
 
-    def __init__(self, device: torch.device, phase: str, total: int, on_step: Callable[[dict], None]):
+    def __init__(
+        self,
+        device: torch.device,
+        phase: str,
+        total: int,
+        on_step: Callable[[dict], None],
+        at_last_step: Callable[[], Any] | None = None,
+    ):
         self.device, self.phase, self.total, self.on_step = device, phase, total, on_step
         self.stamps: list[float] = []
+        self._at_last_step = at_last_step
+        #: what ``at_last_step`` returned, after the last stamp (so outside every timed interval)
+        self.last_step_value: Any = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -89,6 +99,8 @@ class _StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.stamps.append(self._now())
+        if self._at_last_step is not None and state.global_step >= state.max_steps:
+            self.last_step_value = self._at_last_step()
         self.on_step({"event": "step", "phase": self.phase, "step": state.global_step, "of": self.total})
 
     @property
@@ -145,19 +157,31 @@ def _losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
 
 
-def _timed_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -> dict[str, Any]:
+def timed_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -> dict[str, Any]:
+    """Train ``cfg.steps`` steps with only a clock watching: step times, losses, state size, RSS."""
+    gc.collect()
+    rss_before = memory.rss_now_bytes()  # before the weights exist: RSS delta ~ every byte training needs
     model = models.build_model(cfg.model, cfg.seed, cfg.dtype)
     sizes = memory.model_sizes(model)
-    clock = _StepClock(device, "timed", cfg.steps, on_event)
-    trainer = _make_trainer(cfg, model, workdir, cfg.steps, [clock])
+    # the optimizer state right after the last update (after train() some optimizers change mode:
+    # schedule-free's eval mode keeps a copy of the weights until train() is called again)
+    holder: dict[str, Any] = {}
+    clock = _StepClock(
+        device,
+        "timed",
+        cfg.steps,
+        on_event,
+        lambda: memory.optimizer_state_bytes(holder["trainer"].optimizer),
+    )
+    trainer = holder["trainer"] = _make_trainer(cfg, model, workdir, cfg.steps, [clock])
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rss_before = memory.rss_now_bytes()
     trainer.train()
     durations = clock.durations
     measured = durations[cfg.warmup_steps :] or durations
     median = statistics.median(measured) if measured else None
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    after_train = memory.optimizer_state_bytes(trainer.optimizer)
     out = {
         "model": {**models.describe(model, cfg.model), **asdict(sizes)},
         "optimizer_class": type(_unwrap(trainer.optimizer)).__name__,
@@ -169,7 +193,8 @@ def _timed_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -
             "tokens_per_s": tokens_per_step / median if median else None,
         },
         "losses": _losses(trainer),
-        "state_bytes_end": memory.unique_storage_bytes(memory.optimizer_state_tensors(trainer.optimizer)),
+        "state_bytes_end": after_train if clock.last_step_value is None else clock.last_step_value,
+        "state_bytes_after_train": after_train,
         "rss_before_bytes": rss_before,
         "rss_peak_bytes": memory.rss_peak_bytes(),
         "sizes": sizes,
@@ -180,7 +205,8 @@ def _timed_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -
     return out
 
 
-def _tracked_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -> dict[str, Any]:
+def tracked_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event) -> dict[str, Any]:
+    """Train ``cfg.mem_steps`` steps counting every live tensor byte; the breakdown at the peak."""
     model = models.build_model(cfg.model, cfg.seed, cfg.dtype)
     clock = _StepClock(device, "memory", cfg.mem_steps, on_event)
     trainer = _make_trainer(cfg, model, workdir, cfg.mem_steps, [clock])
@@ -197,10 +223,9 @@ def _tracked_phase(cfg: RunConfig, device: torch.device, workdir: str, on_event)
         "tracked_peak_bytes": tracker.peak,
         "max_grad_bytes_alive": grads.peak_bytes,
         "breakdown_at_peak": tracker.breakdown(),
+        "other_at_peak_by_op": tracker.other_by_origin(),
         "untracked_role_bytes": tracker.untracked_role_bytes,
-        "state_bytes_end_tracked": memory.unique_storage_bytes(
-            memory.optimizer_state_tensors(trainer.optimizer)
-        ),
+        "state_bytes_end_tracked": memory.optimizer_state_bytes(trainer.optimizer),
     }
 
 
@@ -215,12 +240,12 @@ def run(cfg: RunConfig, on_event: Callable[[dict], None] = emit) -> dict[str, An
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="optitrainer-bench-") as workdir:
         on_event({"event": "phase", "phase": "timed", "of": cfg.steps})
-        timed = _timed_phase(cfg, device, workdir, on_event)
+        timed = timed_phase(cfg, device, workdir, on_event)
         gc.collect()
         tracked: dict[str, Any] = {}
         if cfg.mem_steps > 0:
             on_event({"event": "phase", "phase": "memory", "of": cfg.mem_steps})
-            tracked = _tracked_phase(cfg, device, workdir, on_event)
+            tracked = tracked_phase(cfg, device, workdir, on_event)
     sizes: memory.ModelSizes = timed.pop("sizes")
     floor = memory.analytic_floor(sizes, timed["state_bytes_end"], cfg.grad_rule)
     if device.type == "cuda":
@@ -241,10 +266,12 @@ def run(cfg: RunConfig, on_event: Callable[[dict], None] = emit) -> dict[str, An
             "peak_bytes": peak,
             "peak_source": source,
             "breakdown_at_peak": breakdown,
+            "other_at_peak_by_op": tracked.get("other_at_peak_by_op"),
             "tracked_peak_bytes": tracked.get("tracked_peak_bytes"),
             "untracked_role_bytes": tracked.get("untracked_role_bytes"),
             "max_grad_bytes_alive": tracked.get("max_grad_bytes_alive"),
             "optimizer_state_bytes_end": timed["state_bytes_end"],
+            "optimizer_state_bytes_after_train": timed["state_bytes_after_train"],
             "rss_before_bytes": rss_before,
             "rss_peak_bytes": rss_peak,
             "rss_delta_bytes": rss_peak - rss_before if rss_before is not None else None,
@@ -279,7 +306,7 @@ def _quiet() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m optitrainer.bench.runner", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m optitrainer.bench._child", description=__doc__)
     parser.add_argument("--config", required=True, help="RunConfig as JSON")
     parser.add_argument("--json-out", required=True, help="where to write the result")
     ns = parser.parse_args(argv)

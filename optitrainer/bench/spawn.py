@@ -29,13 +29,13 @@ def run_child(
     on_event: Callable[[dict[str, Any]], None] = lambda e: None,
     timeout: float | None = None,
 ) -> dict[str, Any]:
-    """``python -m optitrainer.bench.runner`` for ``cfg``; returns its JSON result (or the failure)."""
+    """``python -m optitrainer.bench._child`` for ``cfg``; returns its JSON result (or the failure)."""
     config_path = workdir / f"{stem}.config.json"
     result_path = workdir / f"{stem}.result.json"
     log_path = workdir / f"{stem}.log"
     config_path.write_text(json.dumps(asdict(cfg), indent=1))
     result_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "optitrainer.bench.runner", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "optitrainer.bench._child", "--config", str(config_path)]
     cmd += ["--json-out", str(result_path)]
     timed_out = threading.Event()
     with log_path.open("w") as log:
@@ -85,7 +85,8 @@ def run_all(
         MofNCompleteColumn(),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console, transient=True) as progress:
+    # few refreshes: the parent must not take CPU time from the run it is measuring
+    with Progress(*columns, console=console, transient=True, refresh_per_second=2) as progress:
         overall = progress.add_task("runs", total=len(configs))
         for i, cfg in enumerate(configs):
             label = cfg.label + (f" #{cfg.repeat + 1}" if cfg.repeat else "")
