@@ -90,7 +90,8 @@ class Capabilities:
             the spec must then provide ``backward``.
         needs_target_modules: ``optim_target_modules`` must be set (GaLore, APOLLO).
         train_eval_modes: the optimizer has ``train()``/``eval()`` that change the model's weights
-            (schedule-free); the trainer switches them around evaluation and weight saving.
+            (schedule-free); the trainer switches them around evaluation and weight saving, and reads
+            the current mode from ``param_groups[0]["train_mode"]`` (the ``schedulefree`` convention).
         gradient_accumulation: gradient accumulation > 1 gives correct updates.
         gradient_clipping: ``max_grad_norm > 0`` is honoured truthfully.
         fp16: works with ``fp16=True`` loss scaling.

@@ -144,24 +144,7 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
             table.add_row(r["optim"], r["trainer"], what)
             notes.append(f"{r['optim']} [{r['trainer']}]: {r.get('error', 'failed')}")
             continue
-        mem, bd = r["memory"], r["memory"].get("breakdown_at_peak") or {}
-        median = r["timing"]["median_step_s"]
-        table.add_row(
-            r["optim"],
-            r["trainer"],
-            _fmt(median * 1e3 if median else None, ".1f"),
-            _fmt(r["timing"]["tokens_per_s"], ".0f"),
-            _fmt(r.get("final_loss"), ".4f"),
-            human_bytes(mem["peak_bytes"]),
-            human_bytes(bd.get("params")),
-            human_bytes(bd.get("grads")),
-            human_bytes(bd.get("optimizer_state")),
-            human_bytes(bd.get("other")),
-            human_bytes(mem.get("max_grad_bytes_alive")),
-            human_bytes(r["floor"]["total"]),
-            _fmt(r.get("peak_over_floor"), ".2f"),
-            human_bytes(mem.get("rss_delta_bytes")),
-        )
+        table.add_row(*_run_cells(r, ratio_fmt=".2f"), human_bytes(r["memory"].get("rss_delta_bytes")))
     console.print(table)
     for note in notes:
         console.print(f"  {note}", markup=False)
@@ -283,6 +266,27 @@ def write_csv(summary: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _run_cells(r: dict[str, Any], ratio_fmt: str) -> list[str]:
+    """The per-run cells shared by the terminal table and ``results.md`` (everything up to peak/floor)."""
+    mem, bd = r["memory"], r["memory"].get("breakdown_at_peak") or {}
+    median = r["timing"]["median_step_s"]
+    return [
+        r["optim"],
+        r["trainer"],
+        _fmt(median * 1e3 if median else None, ".1f"),
+        _fmt(r["timing"]["tokens_per_s"], ".0f"),
+        _fmt(r.get("final_loss"), ".4f"),
+        human_bytes(mem["peak_bytes"]),
+        human_bytes(bd.get("params")),
+        human_bytes(bd.get("grads")),
+        human_bytes(bd.get("optimizer_state")),
+        human_bytes(bd.get("other")),
+        human_bytes(mem.get("max_grad_bytes_alive")),
+        human_bytes(r["floor"]["total"]),
+        _fmt(r.get("peak_over_floor"), ratio_fmt),
+    ]
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The tables as Markdown (``results.md``), with the command that produced them."""
     meta = summary["meta"]
@@ -302,24 +306,7 @@ def markdown(summary: dict[str, Any]) -> str:
             why = "n/a" if r.get("skipped") else "failed"
             lines.append(f"| {r['optim']} | {r['trainer']} | {why}: {r.get('error', '')} |" + " |" * 10)
             continue
-        mem, bd = r["memory"], r["memory"].get("breakdown_at_peak") or {}
-        median = r["timing"]["median_step_s"]
-        cells = [
-            r["optim"],
-            r["trainer"],
-            _fmt(median * 1e3 if median else None, ".1f"),
-            _fmt(r["timing"]["tokens_per_s"], ".0f"),
-            _fmt(r.get("final_loss"), ".4f"),
-            human_bytes(mem["peak_bytes"]),
-            human_bytes(bd.get("params")),
-            human_bytes(bd.get("grads")),
-            human_bytes(bd.get("optimizer_state")),
-            human_bytes(bd.get("other")),
-            human_bytes(mem.get("max_grad_bytes_alive")),
-            human_bytes(r["floor"]["total"]),
-            _fmt(r.get("peak_over_floor"), ".3f"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_run_cells(r, ratio_fmt=".3f")) + " |")
     if summary["comparisons"]:
         lines += [
             "",
