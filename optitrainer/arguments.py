@@ -28,10 +28,6 @@ class OptimizerChoice:
     #: typed options; ``None`` when transformers' own handler builds the optimizer (it parses them)
     options: dict[str, Any] | None
 
-    @property
-    def is_transformers_fallback(self) -> bool:
-        return self.resolved.provenance.distribution == "transformers"
-
 
 _CHOICES: dict[int, tuple[weakref.ref, tuple[str, str], OptimizerChoice]] = {}
 
@@ -48,7 +44,7 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
     if cached is not None and cached[0]() is args and cached[1] == key:
         return cached[2]
     resolved = REGISTRY.resolve(requested)
-    if resolved.provenance.distribution == "transformers":
+    if resolved.is_transformers_fallback:
         options = None
         if resolved.spec.docs:
             logger.warning(

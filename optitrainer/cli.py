@@ -71,7 +71,7 @@ def _info(console: Console, name: str) -> int:
         console.print(table)
         example = ", ".join(f"{o.name}={o.default}" for o in spec.options[:2])
         console.print(f'example: optim="{spec.name}", optim_args="{example}"')
-    elif resolved.provenance.distribution == "transformers":
+    elif resolved.is_transformers_fallback:
         console.print("optim_args: passed unparsed to transformers' own handler")
     else:
         console.print("optim_args: none")

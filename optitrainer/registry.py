@@ -64,6 +64,11 @@ class ResolvedOptimizer:
         """Canonical name, with ``_layerwise`` when running layerwise."""
         return self.spec.name + (LAYERWISE_SUFFIX if self.layerwise else "")
 
+    @property
+    def is_transformers_fallback(self) -> bool:
+        """No plugin provides the name: transformers' own handler builds it (and parses its optim_args)."""
+        return self.provenance.distribution == "transformers"
+
 
 @dataclass
 class _Entry:

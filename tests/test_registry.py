@@ -187,6 +187,7 @@ def test_missing_upstream_package_gives_the_exact_pip_command():
 def test_transformers_only_names_fall_back_to_transformers():
     r = get_optimizer("adamw_anyprecision")
     assert r.provenance.distribution == "transformers"
+    assert r.is_transformers_fallback and not get_optimizer("sgd").is_transformers_fallback
 
 
 def test_spec_validation():

@@ -141,8 +141,7 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
         resolved = REGISTRY.resolve(name)
         caps = resolved.spec.capabilities
         targeted = caps.needs_target_modules or (
-            resolved.provenance.distribution == "transformers"
-            and resolved.name.startswith(_TRANSFORMERS_TARGETED)
+            resolved.is_transformers_fallback and resolved.name.startswith(_TRANSFORMERS_TARGETED)
         )
         names_order.setdefault(resolved.name, len(names_order))
         grad_rule = memory.GRADS_LARGEST if resolved.layerwise or caps.owns_backward else memory.GRADS_ALL
