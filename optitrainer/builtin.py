@@ -10,7 +10,8 @@ import re
 
 from .plugin import BuildContext, Capabilities, OptimizerSpec, Option
 
-ELEMENTWISE = Capabilities(layerwise=True)
+#: elementwise updates: right on flattened ZeRO partitions and FSDP shards too
+ELEMENTWISE = Capabilities(layerwise=True, distributed=frozenset({"ddp", "deepspeed", "fsdp"}))
 TORCH = ("torch",)
 
 
@@ -161,7 +162,12 @@ ADAFACTOR = OptimizerSpec(
             "beta1", float, None, "first-moment coefficient; None keeps no first moment", low=0.0, high=1.0
         ),
     ),
-    capabilities=Capabilities(layerwise=True),
+    capabilities=Capabilities(
+        layerwise=True,
+        distributed=frozenset({"ddp"}),
+        distributed_note="its factored second moments need each weight whole and 2-D; "
+        "ZeRO flattens and FSDP shards them",
+    ),
     transformers_name="adafactor",
     docs="The learning rate comes from the trainer's schedule (`relative_step=False`), as in transformers.",
 )
@@ -227,6 +233,10 @@ MUON = OptimizerSpec(
             MUON_DEFAULT_EXCLUDE,
             "regex (searched in parameter names) of 2-D weights that go to AdamW instead of Muon",
         ),
+    ),
+    capabilities=Capabilities(
+        distributed=frozenset({"ddp"}),
+        distributed_note="Newton-Schulz orthogonalizes whole 2-D weights; ZeRO flattens and FSDP shards them",
     ),
     docs=(
         "Muon orthogonalizes the update of each hidden weight matrix. Every 2-D parameter whose name does "

@@ -7,19 +7,57 @@ from __future__ import annotations
 
 from typing import Any
 
+from .engine import Engine, engine_from_arguments
 from .errors import IncompatibleConfigError
+from .plugin import ENGINE_MODES
 from .registry import ResolvedOptimizer
 
+#: Engines under which the layerwise engine steps on the rank-averaged gradient: under DDP it averages
+#: each gradient in its hook; FSDP2 calls the hooks with the reduce-scattered shard. DeepSpeed owns the
+#: gradients (its own buckets and partitions) and FSDP1 hooks see the unreduced flat parameter.
+LAYERWISE_ENGINES = frozenset({"ddp", "fsdp2"})
 
-def distributed_mode(args: Any) -> str | None:
-    """``None`` on one process, else ``"deepspeed"``, ``"fsdp"`` or ``"ddp"``."""
-    if getattr(args, "deepspeed", None):
-        return "deepspeed"
-    if getattr(args, "fsdp", None):
-        return "fsdp"
-    if getattr(args, "world_size", 1) > 1:
-        return "ddp"
-    return None
+
+def supported_engines(resolved: ResolvedOptimizer) -> frozenset[str]:
+    """The engine keys (``"ddp"``, ``"zero2"``, ``"fsdp2"``…) ``resolved`` trains correctly under."""
+    engines = resolved.spec.capabilities.engines
+    return engines & LAYERWISE_ENGINES if resolved.layerwise else engines
+
+
+def describe_engines(engines: frozenset[str]) -> str:
+    """``"DDP, DeepSpeed ZeRO-1/2, FSDP2"``: engine keys for people."""
+    parts = ["DDP"] if "ddp" in engines else []
+    stages = [m[-1] for m in ENGINE_MODES if m.startswith("zero") and m in engines]
+    if stages:
+        parts.append("DeepSpeed ZeRO-" + "/".join(stages))
+    versions = [m[-1] for m in ENGINE_MODES if m.startswith("fsdp") and m in engines]
+    if versions:
+        parts.append("FSDP" + "/".join(versions))
+    return ", ".join(parts) or "no distributed engine"
+
+
+def engine_conflict(resolved: ResolvedOptimizer, engine: Engine) -> str | None:
+    """The refusal of ``engine`` for ``resolved``, or ``None`` when it trains correctly there."""
+    if not engine.is_distributed:
+        return None
+    engines = supported_engines(resolved)
+    if engine.mode in engines:
+        return None
+    caps = resolved.spec.capabilities
+    name = resolved.name
+    if resolved.layerwise and engine.mode in caps.engines:
+        why = "layerwise mode steps each parameter from its gradient hook, which " + (
+            "DeepSpeed calls before its own gradient reduction and partitioning"
+            if engine.kind == "deepspeed"
+            else "FSDP1 calls on the unreduced flat parameter"
+        )
+    else:
+        why = caps.distributed_note or f"the plugin does not declare {engine} support"
+    fix = f"launch with {describe_engines(engines)}" if engines else "train on one process"
+    base = resolved.spec.name
+    if resolved.layerwise and engine.mode in caps.engines:
+        fix += f", or use optim={base!r} (the standard form runs under {engine})"
+    return f"{engine} training (from {engine.source}): {name} supports {describe_engines(engines)} ({why}); {fix}, or pick another optimizer"
 
 
 def _cuda_available() -> bool:
@@ -28,8 +66,12 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def argument_conflicts(resolved: ResolvedOptimizer, args: Any) -> list[str]:
-    """Conflicts visible from the arguments alone."""
+def argument_conflicts(resolved: ResolvedOptimizer, args: Any, engine: Engine | None = None) -> list[str]:
+    """Every conflict of ``resolved`` with the training setup.
+
+    ``engine`` is the distributed engine that runs (the trainer passes the accelerator's); by default
+    the one the arguments and the environment ask for.
+    """
     caps = resolved.spec.capabilities
     name = resolved.name
     ga = getattr(args, "gradient_accumulation_steps", 1)
@@ -58,21 +100,9 @@ def argument_conflicts(resolved: ResolvedOptimizer, args: Any) -> list[str]:
         out.append(
             f"{name} needs a CUDA device (its upstream step calls CUDA-only functions); none is available"
         )
-    mode = distributed_mode(args)
-    if mode is not None:
-        supported = caps.distributed if not resolved.layerwise else frozenset()
-        if mode not in supported:
-            why = (
-                "layerwise mode steps each parameter inside its own backward hook"
-                if resolved.layerwise
-                else ""
-            )
-            out.append(
-                f"{mode.upper()} training: {name} supports "
-                + (", ".join(sorted(supported)) or "no distributed mode")
-                + (f" ({why})" if why else "")
-                + "; train on one process, or pick another optimizer"
-            )
+    refusal = engine_conflict(resolved, engine_from_arguments(args) if engine is None else engine)
+    if refusal is not None:
+        out.append(refusal)
     if resolved.layerwise and clip > 0 and ga > 1:
         out.append(
             f"max_grad_norm={clip} with gradient_accumulation_steps={ga}: layerwise clipping needs the whole "
@@ -81,8 +111,8 @@ def argument_conflicts(resolved: ResolvedOptimizer, args: Any) -> list[str]:
     return out
 
 
-def check_arguments(resolved: ResolvedOptimizer, args: Any) -> None:
-    raise_conflicts(resolved, argument_conflicts(resolved, args))
+def check_arguments(resolved: ResolvedOptimizer, args: Any, engine: Engine | None = None) -> None:
+    raise_conflicts(resolved, argument_conflicts(resolved, args, engine))
 
 
 def raise_conflicts(resolved: ResolvedOptimizer, conflicts: list[str]) -> None:

@@ -16,6 +16,13 @@ Because the trainer's ``compute_loss`` runs twice per step when clipping, anythi
 TRL's token counts and metrics) is counted twice; set ``max_grad_norm=0`` to train in one pass.
 
 fp16 loss scaling is refused: the per-parameter step would see scaled gradients.
+
+Many processes: under DDP the trainer turns DDP's reduction off for the step and each hook averages
+its gradient across ranks (``average_gradient``) before the update, so every rank steps on the
+averaged gradient and frees it right after; accumulation communicates on the last micro-batch only,
+and the norm pass of exact clipping measures the averaged gradients (so the global norm is the same
+on every rank). Under FSDP2 the hooks receive the reduce-scattered shard of each gradient; the
+optimizer steps on the shard, and the clipping norm sums the shards' squares across ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +42,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     """Facade over one optimizer per parameter. ``step``/``zero_grad`` are no-ops; hooks do the work."""
 
     def __init__(
-        self, named_optimizers: list[tuple[str, nn.Parameter, torch.optim.Optimizer]], max_grad_norm: float
+        self,
+        named_optimizers: list[tuple[str, nn.Parameter, torch.optim.Optimizer]],
+        max_grad_norm: float,
+        average_gradient: Callable[[torch.Tensor], None] | None = None,
     ):
         groups = []
         for name, param, inner in named_optimizers:
@@ -51,6 +61,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             for (n, _, o), lr0 in zip(named_optimizers, (g["lr"] for g in groups))
         }
         self.max_grad_norm = max_grad_norm
+        #: averages a gradient across data-parallel ranks in place (DDP); ``None`` on one process
+        self.average_gradient = average_gradient
         self._handles: list[Any] = []
         self._sync = True
         self._measuring = False
@@ -77,12 +89,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if param.grad is None:
             return
         name = self._name_of[id(param)]
+        if not self._sync:
+            return  # accumulating: keep the gradient for the next micro-batch
+        if self.average_gradient is not None:
+            self.average_gradient(param.grad)
         if self._measuring:
             self._sq_norms[name] = torch.linalg.vector_norm(param.grad, 2.0)
             param.grad = None
             return
-        if not self._sync:
-            return  # accumulating: keep the gradient for the next micro-batch
         if self._clip_coef is not None:
             param.grad.mul_(self._clip_coef.to(param.grad.device))
         inner = self.inner[name]
@@ -113,7 +127,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         norms = [
             self._sq_norms[g["param_name"]] for g in self.param_groups if g["param_name"] in self._sq_norms
         ]
-        total = torch.linalg.vector_norm(torch.stack(norms), 2.0) if norms else torch.tensor(0.0)
+        total = _total_norm(norms)
         self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         self.last_grad_norm = float(total)
         _set_rng_state(rng)
@@ -153,8 +167,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             g.update({k: v for k, v in saved[g["param_name"]].items() if k != "params"})
 
 
-def build_layerwise(spec: OptimizerSpec, ctx: BuildContext, max_grad_norm: float) -> LayerwiseOptimizer:
-    """One optimizer per trainable parameter, each built by the plugin's own factory."""
+def _total_norm(norms: list[torch.Tensor]) -> torch.Tensor:
+    """``clip_grad_norm_``'s reduction: the norm of the per-tensor norms, in parameter order.
+
+    Under FSDP2 each norm is a DTensor over the shard's mesh; ``full_tensor()`` sums the shards' squares
+    across ranks, as ``clip_grad_norm_`` does for sharded gradients.
+    """
+    if not norms:
+        return torch.tensor(0.0)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    return total.full_tensor() if hasattr(total, "full_tensor") else total
+
+
+def build_layerwise(
+    spec: OptimizerSpec,
+    ctx: BuildContext,
+    max_grad_norm: float,
+    average_gradient: Callable[[torch.Tensor], None] | None = None,
+) -> LayerwiseOptimizer:
+    """One optimizer per trainable parameter, each built by the plugin's own factory.
+
+    ``average_gradient`` averages a gradient across data-parallel ranks (DDP), see
+    :func:`optitrainer.data_parallel.gradient_averager`.
+    """
     named = ctx.named_parameters()
     if not named:
         raise ValueError("the model has no trainable parameter to optimize")
@@ -162,7 +197,7 @@ def build_layerwise(spec: OptimizerSpec, ctx: BuildContext, max_grad_norm: float
     for name, p in named:
         opt = spec.factory(replace(ctx, parameters=[(name, p)], layerwise=True))
         per_param.append((name, p, opt))
-    return LayerwiseOptimizer(per_param, max_grad_norm=max_grad_norm)
+    return LayerwiseOptimizer(per_param, max_grad_norm=max_grad_norm, average_gradient=average_gradient)
 
 
 def _rng_state() -> dict[str, Any]:

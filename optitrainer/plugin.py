@@ -42,10 +42,24 @@ __all__ = [
     "Option",
     "OptimizerSpec",
     "DISTRIBUTED_MODES",
+    "ENGINE_MODES",
 ]
 
-#: Distributed modes a plugin may declare support for in :attr:`Capabilities.distributed`.
+#: Every distributed engine the trainer tells apart (see :class:`optitrainer.engine.Engine`):
+#: DDP, DeepSpeed ZeRO stages 0-3, FSDP versions 1 and 2.
+ENGINE_MODES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2")
+#: Umbrella names also accepted in :attr:`Capabilities.distributed` (a plugin written before the
+#: engines were told apart says ``"deepspeed"`` for every ZeRO stage and ``"fsdp"`` for both versions).
 DISTRIBUTED_MODES = frozenset({"ddp", "fsdp", "deepspeed"})
+_UMBRELLAS = {"deepspeed": ("zero0", "zero1", "zero2", "zero3"), "fsdp": ("fsdp1", "fsdp2")}
+
+
+def expand_engines(modes: frozenset[str] | set[str] | tuple[str, ...]) -> frozenset[str]:
+    """Engine keys of :data:`ENGINE_MODES` that ``modes`` (which may use the umbrella names) cover."""
+    out: set[str] = set()
+    for mode in modes:
+        out.update(_UMBRELLAS.get(mode, (mode,)))
+    return frozenset(out)
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,17 @@ class Capabilities:
         gradient_accumulation: gradient accumulation > 1 gives correct updates.
         gradient_clipping: ``max_grad_norm > 0`` is honoured truthfully.
         fp16: works with ``fp16=True`` loss scaling.
-        distributed: the distributed modes it supports (subset of :data:`DISTRIBUTED_MODES`).
+        distributed: the distributed engines it trains correctly under: keys of :data:`ENGINE_MODES`
+            (``"ddp"``, ``"zero1"``…, ``"fsdp2"``) or the umbrellas ``"deepspeed"`` (every ZeRO stage) and
+            ``"fsdp"`` (both versions). Left unset, it claims DDP only (every rank holds whole parameters
+            and the averaged gradient, so any optimizer whose ``step()`` is deterministic is right
+            there), and nothing for a fused-backward plugin (its hooks must average the gradients).
+            Claim ZeRO or FSDP only for optimizers that are right on flattened, sharded tensors
+            (elementwise updates), and test it. The ``_layerwise`` form runs under the engines of this
+            set that the layerwise engine supports (DDP, FSDP2); a fused-backward plugin
+            (``owns_backward``) must average gradients with :attr:`BackwardContext.average_gradient`.
+        distributed_note: why the other engines are not supported, shown with the refusal
+            (e.g. "needs whole 2-D weights; ZeRO flattens and FSDP shards them").
         requires_cuda: only runs on a CUDA device.
     """
 
@@ -106,8 +130,28 @@ class Capabilities:
     gradient_accumulation: bool = True
     gradient_clipping: bool = True
     fp16: bool = True
-    distributed: frozenset[str] = DISTRIBUTED_MODES
+    distributed: frozenset[str] | None = None
+    distributed_note: str = ""
     requires_cuda: bool = False
+
+    def __post_init__(self) -> None:
+        if self.distributed is None:
+            return
+        modes = frozenset(self.distributed)
+        unknown = sorted(modes - set(ENGINE_MODES) - DISTRIBUTED_MODES)
+        if unknown:
+            raise ValueError(
+                f"Capabilities(distributed=...) got unknown engine(s) {unknown}; use any of "
+                f"{list(ENGINE_MODES)} or the umbrellas 'deepspeed', 'fsdp'"
+            )
+        object.__setattr__(self, "distributed", modes)
+
+    @property
+    def engines(self) -> frozenset[str]:
+        """The engine keys (:data:`ENGINE_MODES`) :attr:`distributed` covers."""
+        if self.distributed is None:
+            return frozenset() if self.owns_backward else frozenset({"ddp"})
+        return expand_engines(self.distributed)
 
     def flags(self) -> list[str]:
         """Short human-readable flags, for listings."""
@@ -124,8 +168,7 @@ class Capabilities:
             out.append("cuda-only")
         if not self.gradient_accumulation:
             out.append("no-grad-accum")
-        if self.distributed != DISTRIBUTED_MODES:
-            out.append("dist:" + (",".join(sorted(self.distributed)) or "none"))
+        out.append("dist:" + (",".join(m for m in ENGINE_MODES if m in self.engines) or "none"))
         return out
 
 
@@ -215,6 +258,9 @@ class BackwardContext:
     max_grad_norm: float
     model: nn.Module
     accelerator: Any
+    #: ``average_gradient(grad)`` averages a gradient across the data-parallel ranks in place (a no-op on
+    #: one process, and where the engine already reduced it); call it before using a gradient
+    average_gradient: Callable[[torch.Tensor], None] = field(default=lambda grad: None)
 
 
 @dataclass(frozen=True)

@@ -314,9 +314,20 @@ def check_refusals(case: ConformanceCase) -> None:
         assert any("fp16" in c for c in conflicts(fp16=True))
     if caps.requires_cuda:
         assert any("CUDA" in c for c in conflicts(use_cpu=True))
-    modes = {"ddp": {"world_size": 2}, "fsdp": {"world_size": 2, "fsdp": ["full_shard"]}}
-    modes["deepspeed"] = {"world_size": 2, "deepspeed": "ds.json"}
-    for mode, changes in modes.items():
-        found = [c for c in conflicts(**changes) if mode.upper() in c]
-        supported = mode in caps.distributed and not resolved.layerwise
-        assert bool(found) != supported, (mode, found)
+    from .compat import supported_engines
+    from .engine import Engine
+    from .plugin import ENGINE_MODES
+
+    supported = supported_engines(resolved)
+    for mode in ENGINE_MODES:
+        if mode == "ddp":
+            engine = Engine("ddp", 2, source="test")
+        elif mode.startswith("zero"):
+            engine = Engine("deepspeed", 2, zero_stage=int(mode[-1]), source="test")
+        else:
+            engine = Engine("fsdp", 2, fsdp_version=int(mode[-1]), source="test")
+        assert engine.mode == mode
+        found = [c for c in argument_conflicts(resolved, SimpleNamespace(**base), engine) if str(engine) in c]
+        assert bool(found) != (mode in supported), (mode, found)
+        if found:  # the refusal names what to do
+            assert "launch with" in found[0] or "train on one process" in found[0], found[0]

@@ -16,7 +16,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .arguments import OptimizerChoice, choose_optimizer
-from .compat import raise_conflicts
+from .compat import check_arguments, raise_conflicts
+from .data_parallel import gradient_averager, without_ddp_reduction
+from .engine import Engine, engine_from_accelerator
 from .layerwise import LayerwiseOptimizer, build_layerwise
 from .plugin import BackwardContext, BuildContext
 
@@ -48,8 +50,14 @@ class OptiTrainerMixin:
         self._opti_optimizer: torch.optim.Optimizer | None = None
         self._opti_grad_norm: float | None = None
         self._opti_choice: OptimizerChoice | None = None
+        #: the distributed engine the accelerator runs (DDP, DeepSpeed ZeRO-n, FSDPn or one process)
+        self.opti_engine: Engine = engine_from_accelerator(self.accelerator)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             self._opti_choice = choose_optimizer(self.args)
+            # again with the engine that really runs: accelerate's config file, its environment or the
+            # launcher may have chosen one the arguments do not show
+            check_arguments(self._opti_choice.resolved, self.args, self.opti_engine)
+            logger.info("optitrainer: distributed engine: %s", self.opti_engine)
             if self.model is not None:
                 self._check_model(self.model)
             prov = self._opti_choice.resolved.provenance
@@ -82,7 +90,12 @@ class OptiTrainerMixin:
         resolved = self._opti_choice.resolved
         ctx = self._build_context(opt_model)
         if resolved.layerwise:
-            optimizer = build_layerwise(resolved.spec, ctx, max_grad_norm=self.args.max_grad_norm)
+            optimizer = build_layerwise(
+                resolved.spec,
+                ctx,
+                max_grad_norm=self.args.max_grad_norm,
+                average_gradient=self._average_gradient,
+            )
         else:
             optimizer = resolved.spec.factory(ctx)
         if not isinstance(optimizer, torch.optim.Optimizer):
@@ -115,6 +128,11 @@ class OptiTrainerMixin:
 
     # -- the training step -------------------------------------------------------------------------
     @property
+    def _average_gradient(self):
+        """Averages a gradient across ranks in place where the engine will not (DDP); else ``None``."""
+        return gradient_averager(self.opti_engine) if self.opti_engine.kind == "ddp" else None
+
+    @property
     def _opti_manages_gradients(self) -> bool:
         """True when gradients are consumed inside backward (layerwise, fused backward)."""
         if self._opti_choice is None or self._opti_optimizer is None:
@@ -129,15 +147,17 @@ class OptiTrainerMixin:
         resolved = self._opti_choice.resolved
         if resolved.layerwise:
             engine: LayerwiseOptimizer = self._opti_optimizer
-            loss = engine.run_training_step(
-                lambda: super(OptiTrainerMixin, self).training_step(model, inputs, num_items_in_batch),
-                sync=self.accelerator.sync_gradients,
-            )
+            # the hooks average each gradient themselves (DDP's reducer would run after they stepped)
+            with without_ddp_reduction(model):
+                loss = engine.run_training_step(
+                    lambda: super(OptiTrainerMixin, self).training_step(model, inputs, num_items_in_batch),
+                    sync=self.accelerator.sync_gradients,
+                )
             if self.accelerator.sync_gradients:
                 self._opti_grad_norm = engine.last_grad_norm
             return loss
         if resolved.spec.capabilities.owns_backward:
-            with self._plugin_backward(model):
+            with without_ddp_reduction(model), self._plugin_backward(model):
                 return super().training_step(model, inputs, num_items_in_batch)
         return super().training_step(model, inputs, num_items_in_batch)
 
@@ -155,6 +175,7 @@ class OptiTrainerMixin:
                     max_grad_norm=self.args.max_grad_norm,
                     model=model,
                     accelerator=self.accelerator,
+                    average_gradient=gradient_averager(self.opti_engine),
                 )
             )
 

@@ -184,6 +184,7 @@ CAPABILITIES = Capabilities(
     needs_target_modules=True,
     # the projection needs each weight whole and 2-D: FSDP and DeepSpeed ZeRO shard or flatten them
     distributed=frozenset({"ddp"}),
+    distributed_note="the projection needs each weight whole and 2-D; ZeRO flattens and FSDP shards them",
 )
 
 _DOCS = (

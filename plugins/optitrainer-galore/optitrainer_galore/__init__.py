@@ -46,7 +46,12 @@ GALORE_OPTIONS = (
 # Distributed: DDP all-reduces full gradients before the step, so GaLore sees the real matrices. FSDP and
 # DeepSpeed ZeRO hand the optimizer flattened shards: there is no weight matrix left to project.
 # The layerwise form is single-process only (the core's compatibility check says so).
-_CAPS = Capabilities(layerwise=True, needs_target_modules=True, distributed=frozenset({"ddp"}))
+_CAPS = Capabilities(
+    layerwise=True,
+    needs_target_modules=True,
+    distributed=frozenset({"ddp"}),
+    distributed_note="the projection needs each weight whole and 2-D; ZeRO flattens and FSDP shards them",
+)
 _CAPS_8BIT = dataclasses.replace(_CAPS, requires_cuda=True)
 
 

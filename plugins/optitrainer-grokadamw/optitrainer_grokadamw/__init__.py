@@ -99,6 +99,7 @@ GROKADAMW = OptimizerSpec(
         # ZeRO/FSDP flatten or shard parameters, which changes the per-parameter positions and
         # the per-parameter clipping norms; DDP keeps whole parameters on every rank
         distributed=DISTRIBUTED_MODES & {"ddp"},
+        distributed_note="its per-parameter positions and clipping norms change on flattened or sharded tensors",
     ),
     transformers_name="grokadamw",
     callbacks=_callbacks,

@@ -180,7 +180,11 @@ STABLE_ADAMW = OptimizerSpec(
     aliases=("optimi_stable_adamw",),
     # update clipping uses each tensor's RMS: under FSDP/ZeRO the optimizer sees shards or flattened
     # partitions, so the RMS (hence the update) would differ from the unsharded algorithm
-    capabilities=Capabilities(layerwise=True, distributed=frozenset({"ddp"})),
+    capabilities=Capabilities(
+        layerwise=True,
+        distributed=frozenset({"ddp"}),
+        distributed_note="its update clipping uses each tensor's RMS, which differs on ZeRO partitions and FSDP shards",
+    ),
     transformers_name="stable_adamw",
     validate=_validate("args"),
     docs=(

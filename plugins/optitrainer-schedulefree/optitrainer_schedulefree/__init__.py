@@ -24,7 +24,12 @@ IMPORTS = ("schedulefree",)
 
 #: DDP keeps identical replicas, so the mode switches stay in step. FSDP/DeepSpeed shard or wrap the
 #: parameters and the optimizer; the switches were not verified there.
-CAPABILITIES = Capabilities(train_eval_modes=True, distributed=frozenset({"ddp"}))
+CAPABILITIES = Capabilities(
+    train_eval_modes=True,
+    distributed=frozenset({"ddp"}),
+    distributed_note="train()/eval() rewrite the optimizer's own tensors, which DeepSpeed ZeRO and FSDP keep "
+    "apart from the model's weights: the weights evaluated and saved would be the train-mode ones",
+)
 
 _COMMON_OPTIONS = (
     Option(

@@ -1,0 +1,121 @@
+"""Which distributed engine a run uses: one truthful picture, from the arguments and from the accelerator.
+
+The engine may come from the training arguments (``deepspeed=``, ``fsdp=``), from accelerate's config
+file or environment (``accelerate launch`` sets ``ACCELERATE_USE_DEEPSPEED``/``ACCELERATE_USE_FSDP``),
+or from the launcher (``torchrun``, ``deepspeed``). :func:`engine_from_arguments` reads what is known
+when the arguments are built; :func:`engine_from_accelerator` reads what actually runs, once the
+trainer's accelerator exists (still before step 1). Both give an :class:`Engine` whose
+:attr:`~Engine.mode` is matched against :attr:`optitrainer.plugin.Capabilities.distributed`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Engine", "engine_from_accelerator", "engine_from_arguments"]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """A distributed engine: ``kind`` is ``"single"``, ``"ddp"``, ``"deepspeed"`` or ``"fsdp"``."""
+
+    kind: str = "single"
+    world_size: int = 1
+    zero_stage: int | None = None
+    fsdp_version: int | None = None
+    #: where the engine was read from (shown in refusals: the setting to change)
+    source: str = ""
+
+    @property
+    def mode(self) -> str | None:
+        """The capability key: ``"ddp"``, ``"zero0"``…``"zero3"``, ``"fsdp1"``/``"fsdp2"``; ``None`` alone."""
+        if self.kind == "ddp":
+            return "ddp"
+        if self.kind == "deepspeed":
+            return f"zero{self.zero_stage if self.zero_stage is not None else 0}"
+        if self.kind == "fsdp":
+            return f"fsdp{self.fsdp_version or 1}"
+        return None
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.kind != "single"
+
+    def __str__(self) -> str:
+        if self.kind == "deepspeed":
+            return f"DeepSpeed ZeRO-{self.zero_stage if self.zero_stage is not None else 0}"
+        if self.kind == "fsdp":
+            return f"FSDP{self.fsdp_version or 1}"
+        if self.kind == "ddp":
+            return "DDP"
+        return "one process"
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in {"1", "true", "yes"}
+
+
+def _zero_stage_of(config: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed config given as a dict, a JSON path or an HfDeepSpeedConfig."""
+    config = getattr(config, "config", config)  # HfTrainerDeepSpeedConfig keeps the dict in .config
+    if isinstance(config, (str, os.PathLike)):
+        try:
+            with open(config) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            return None
+    if isinstance(config, dict):
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        return int(stage) if str(stage).isdigit() else None
+    return None
+
+
+def engine_from_arguments(args: Any) -> Engine:
+    """The engine the arguments and the environment ask for (before the accelerator exists).
+
+    ``args`` may be any ``TrainingArguments`` or a plain namespace with the same attributes.
+    """
+    world_size = int(getattr(args, "world_size", 1) or 1)
+    if getattr(args, "deepspeed", None):
+        stage = _zero_stage_of(getattr(args, "hf_deepspeed_config", None) or args.deepspeed)
+        return Engine("deepspeed", world_size, zero_stage=stage, source="deepspeed=")
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None or (_env_true("ACCELERATE_USE_DEEPSPEED") and not getattr(args, "use_cpu", False)):
+        stage = getattr(plugin, "zero_stage", None)
+        if stage is None:
+            stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+        return Engine("deepspeed", world_size, zero_stage=int(stage), source="accelerate's DeepSpeed config")
+    if getattr(args, "fsdp", None):
+        plugin_args = getattr(args, "fsdp_plugin_args", None) or {}
+        config = getattr(args, "fsdp_config", None) or {}
+        version = plugin_args.get("fsdp_version", config.get("version", 1))
+        return Engine("fsdp", world_size, fsdp_version=int(version), source="fsdp=")
+    if _env_true("ACCELERATE_USE_FSDP"):
+        version = int(os.environ.get("FSDP_VERSION", 1))
+        return Engine("fsdp", world_size, fsdp_version=version, source="accelerate's FSDP config")
+    if world_size > 1:
+        return Engine("ddp", world_size, source="the launcher (WORLD_SIZE)")
+    return Engine()
+
+
+def engine_from_accelerator(accelerator: Any) -> Engine:
+    """The engine the trainer's accelerator runs (the truth, whatever configured it)."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    world_size = int(getattr(accelerator, "num_processes", 1) or 1)
+    dtype = accelerator.distributed_type
+    if dtype == DistributedType.DEEPSPEED:
+        plugin = getattr(state, "deepspeed_plugin", None)
+        stage = getattr(plugin, "zero_stage", None)
+        return Engine("deepspeed", world_size, zero_stage=stage, source="the accelerator (DeepSpeed)")
+    if dtype == DistributedType.FSDP:
+        plugin = getattr(state, "fsdp_plugin", None)
+        version = int(getattr(plugin, "fsdp_version", 1) or 1)
+        return Engine("fsdp", world_size, fsdp_version=version, source="the accelerator (FSDP)")
+    if world_size > 1:
+        return Engine("ddp", world_size, source="the accelerator")
+    return Engine()
