@@ -1,0 +1,44 @@
+"""Launch a script under ``torchrun`` for a test: a free port, a time limit, no process left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def torchrun(
+    script: str | Path, *script_args: str, nproc: int = 2, timeout: float = 300, env: dict | None = None
+):
+    """Run ``torchrun --standalone --nproc_per_node nproc script args`` and return the finished process.
+
+    Raises ``AssertionError`` with the tail of the output when it fails; on timeout the whole process
+    group (launcher and ranks) is killed first.
+    """
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [exe, "--standalone", "--nproc_per_node", str(nproc), str(script), *map(str, script_args)]
+    return run_launcher(cmd, timeout=timeout, env=env)
+
+
+def run_launcher(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
+    """Run a launcher command in its own process group; kill the group if it outlives ``timeout``."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", **(env or {})}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{cmd[0]} timed out after {timeout}s:\n{out[-4000:]}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    proc.output = out
+    return proc
