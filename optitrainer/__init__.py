@@ -14,6 +14,7 @@ from .arguments import OptiArgumentsMixin, OptimizerChoice, OptiTrainingArgument
 from .errors import (
     IncompatibleConfigError,
     InvalidOptimArgsError,
+    LaunchError,
     OptimizerNotInstalledError,
     OptiTrainerError,
     PluginLoadError,
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "IncompatibleConfigError",
     "InvalidOptimArgsError",
+    "LaunchError",
     "OptiArgumentsMixin",
     "OptiTrainer",
     "OptiTrainerError",

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Engine", "engine_from_accelerator", "engine_from_arguments"]
+__all__ = ["Engine", "engine_from_accelerator", "engine_from_arguments", "launch_problem"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,30 @@ def engine_from_accelerator(accelerator: Any) -> Engine:
     if world_size > 1:
         return Engine("ddp", world_size, source="the accelerator")
     return Engine()
+
+
+#: variables a launcher sets in every process it starts (torchrun/accelerate's torchrun-style launch,
+#: the deepspeed launcher, Open MPI, MPICH/Intel MPI)
+_RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launch_problem(engine: Engine) -> str | None:
+    """Why this process trains alone although its launch asked for several, or ``None``.
+
+    ``accelerate launch`` with a multi-CPU config and no MPI launcher runs the script once, as one
+    process: it only sets ``MASTER_ADDR``/``MASTER_PORT`` (which it does when ``num_processes > 1``) and
+    no rank variables. Training would go on alone, silently.
+    """
+    env = os.environ
+    launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in env and "ACCELERATE_MIXED_PRECISION" in env
+    if engine.is_distributed or not launched_by_accelerate or "MASTER_PORT" not in env:
+        return None
+    if any(name in env for name in _RANK_VARIABLES):
+        return None
+    return (
+        "`accelerate launch` started this script as ONE process although its config asks for several "
+        "(num_processes > 1): accelerate's multi-CPU launch needs an MPI launcher (mpirun_hostfile). Start the "
+        "processes with `accelerate launch --multi_gpu --num_processes N script.py` (its torchrun-style launch; "
+        "on CPU it runs with gloo) or `torchrun --nproc_per_node N script.py`, or set num_processes: 1 in the "
+        "accelerate config to train on one process"
+    )

@@ -25,3 +25,7 @@ class IncompatibleConfigError(OptiTrainerError, ValueError):
 
 class PluginLoadError(OptiTrainerError, ImportError):
     """A plugin's entry point failed to load, or two distributions register the same name."""
+
+
+class LaunchError(OptiTrainerError, RuntimeError):
+    """The launcher started fewer processes than its configuration asks for."""

@@ -18,7 +18,8 @@ from transformers.trainer_callback import ExportableState
 from .arguments import OptimizerChoice, choose_optimizer
 from .compat import check_arguments, raise_conflicts
 from .data_parallel import gradient_averager, without_ddp_reduction
-from .engine import Engine, engine_from_accelerator
+from .engine import Engine, engine_from_accelerator, launch_problem
+from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
 from .plugin import BackwardContext, BuildContext
 
@@ -52,6 +53,9 @@ class OptiTrainerMixin:
         self._opti_choice: OptimizerChoice | None = None
         #: the distributed engine the accelerator runs (DDP, DeepSpeed ZeRO-n, FSDPn or one process)
         self.opti_engine: Engine = engine_from_accelerator(self.accelerator)
+        problem = launch_problem(self.opti_engine)
+        if problem is not None:
+            raise LaunchError(problem)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             self._opti_choice = choose_optimizer(self.args)
             # again with the engine that really runs: accelerate's config file, its environment or the

@@ -1,0 +1,68 @@
+"""A launch that starts fewer processes than asked for fails before step 1 instead of training alone."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+from launch import run_launcher
+
+from optitrainer.engine import Engine, launch_problem
+
+MULTI_CPU_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_CPU
+num_processes: 2
+num_machines: 1
+machine_rank: 0
+mixed_precision: 'no'
+use_cpu: true
+"""
+
+SCRIPT = """\
+from optitrainer import LaunchError, OptiTrainer
+from optitrainer.testing import SyntheticLMDataset, tiny_llama, training_arguments
+
+args = training_arguments("out", optim="adamw_torch", max_steps=2)
+try:
+    OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset()).train()
+    print("TRAINED ALONE")
+except LaunchError as exc:
+    print("REFUSED:", exc)
+"""
+
+
+def test_accelerate_multi_cpu_config_without_mpi_is_refused(tmp_path):
+    """accelerate's multi-CPU config without mpirun runs the script once: we refuse to train alone."""
+    (tmp_path / "cfg.yaml").write_text(MULTI_CPU_CONFIG)
+    (tmp_path / "train.py").write_text(textwrap.dedent(SCRIPT))
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    cmd = [accelerate, "launch", "--config_file", str(tmp_path / "cfg.yaml"), str(tmp_path / "train.py")]
+    proc = run_launcher(cmd, timeout=180, env={"PYTHONPATH": str(tmp_path)})
+    assert "TRAINED ALONE" not in proc.output
+    assert "REFUSED: `accelerate launch` started this script as ONE process" in proc.output, proc.output[
+        -3000:
+    ]
+    assert "accelerate launch --multi_gpu --num_processes N" in proc.output
+
+
+def test_launch_problem_only_for_accelerates_single_process_launch(monkeypatch):
+    for name in (
+        "ACCELERATE_DYNAMO_BACKEND",
+        "ACCELERATE_MIXED_PRECISION",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_problem(Engine()) is None  # a plain `python train.py`
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert launch_problem(Engine()) is None  # `accelerate launch` of one process: no MASTER_PORT
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert "ONE process" in launch_problem(Engine())
+    monkeypatch.setenv("RANK", "0")  # a real multi-process launch sets the rank variables
+    assert launch_problem(Engine()) is None
+    assert launch_problem(Engine("ddp", 2)) is None
