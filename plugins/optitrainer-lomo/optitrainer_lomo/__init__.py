@@ -6,6 +6,11 @@ gradient at once: no gradient buffers, no optimizer step. The plugin therefore o
 pass (``Capabilities.owns_backward``): the trainer calls :func:`fused_backward` instead of
 ``accelerator.backward(loss)``, with the scheduler's current learning rate.
 
+Under DDP the trainer runs the step inside ``no_sync()`` and hands over
+``BackwardContext.average_gradient``: every hook averages its gradient across the ranks before the
+norm pass measures it and before the update uses it, so all ranks clip with the same global norm and
+apply the same update. DeepSpeed and FSDP are refused (see :data:`FUSED`).
+
 This module is imported by ``optitrainer list``: it imports neither torch nor ``lomo_optim``; the
 optimizer classes (:mod:`optitrainer_lomo.optim`) are imported by the factories.
 """
@@ -27,13 +32,19 @@ logger = logging.getLogger("optitrainer")
 REQUIRES = ("lomo-optim==0.1.1",)
 IMPORTS = ("lomo_optim",)
 
-#: updates happen inside backward: no accumulation, no fp16 GradScaler, one process only
+#: updates happen inside backward: no accumulation, no fp16 GradScaler; DDP through the hooks' averaging
 FUSED = Capabilities(
     owns_backward=True,
     gradient_accumulation=False,
     gradient_clipping=True,  # a real global-norm clip, measured in a first backward pass
     fp16=False,
-    distributed=frozenset(),
+    distributed=frozenset({"ddp"}),
+    distributed_note=(
+        "its updates run in per-parameter gradient hooks, which average each gradient across DDP ranks; "
+        "DeepSpeed owns the backward pass and reduces and partitions the gradients itself, after those "
+        "hooks (LOMO upstream's ZeRO-3 path, which averages each full gradient and updates the rank's "
+        "slice, runs in its own trainer, outside transformers' Trainer); FSDP: not implemented"
+    ),
 )
 
 CLIP_GRAD_VALUE = Option(
@@ -65,9 +76,16 @@ def fused_backward(bctx: BackwardContext) -> float | None:
     ``max_grad_norm > 0``: a first backward pass (``retain_graph=True``) measures the global gradient
     norm, the second one updates with the gradients clipped to it; returns the pre-clip norm.
     ``max_grad_norm == 0``: one backward pass, no norm measured, returns ``None``.
+    Each hook averages its gradient with ``bctx.average_gradient`` first (across DDP ranks; a no-op on
+    one process), in both passes: the norm is that of the averaged gradient, the same on every rank.
     """
     optimizer = _unwrap(bctx.optimizer)
-    return optimizer.fused_backward(bctx.loss, lr=bctx.lr, max_grad_norm=bctx.max_grad_norm)
+    return optimizer.fused_backward(
+        bctx.loss,
+        lr=bctx.lr,
+        max_grad_norm=bctx.max_grad_norm,
+        average_gradient=bctx.average_gradient,
+    )
 
 
 def _note_clipping(ctx: BuildContext) -> None:
@@ -125,8 +143,11 @@ Differences from `transformers.Trainer` (measured in the plugin's tests):
 - `max_grad_norm > 0` clips for real: a first backward pass measures the global gradient norm (logged
   as `grad_norm`), the second one updates with clipped gradients. transformers never clips and logs
   `grad_norm` 0.0. `max_grad_norm=0` runs one backward pass and logs no `grad_norm`.
-- `gradient_accumulation_steps > 1`, `fp16=True` and distributed training are refused before step 1
+- `gradient_accumulation_steps > 1`, `fp16=True`, DeepSpeed and FSDP are refused before step 1
   (transformers updates after every micro-batch under accumulation).
+- DDP trains: each hook averages its gradient across the ranks before the norm pass measures it and
+  before the update uses it; the ranks stay bit-identical and match one process with the global batch
+  up to float reordering.
 - Each parameter's hook handles only that parameter (upstream's hooks walk all parameters each time).
 """
 

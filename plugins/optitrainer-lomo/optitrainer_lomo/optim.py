@@ -20,16 +20,25 @@ bit for bit with upstream on the same model and batches) and change the machiner
   and norms), the rest of the update is upstream's;
 * gradient-norm clipping is one call: ``fused_backward(loss, lr, max_grad_norm)`` runs upstream's
   norm pass (a first backward with ``retain_graph=True`` that only measures) and then the fused
-  update with the clipping coefficient, and returns the measured pre-clip norm.
+  update with the clipping coefficient, and returns the measured pre-clip norm;
+* data parallelism (DDP): ``fused_backward(..., average_gradient=fn)`` calls ``fn(grad)`` in each
+  hook, on the float32 copy of the gradient, before the norm pass measures it and before the update
+  uses it; ``fn`` averages it across the ranks in place (the trainer passes
+  ``BackwardContext.average_gradient`` and runs the step inside DDP's ``no_sync()``). Every rank then
+  measures the same global norm and applies the same update to its whole copy of the tensor, so the
+  ranks stay bit-identical. The hooks must fire in the same order on every rank (one all-reduce per
+  tensor and pass): the same graph on every rank, as DDP itself assumes.
 
-Not supported (refused by the plugin's capabilities): DeepSpeed ZeRO-3 and every distributed mode,
-fp16 loss scaling (upstream's ``DynamicLossScaler`` only engages for float16 losses).
+Not supported (refused by the plugin's capabilities): DeepSpeed (every ZeRO stage, including
+upstream's ZeRO-3 path) and FSDP, fp16 loss scaling (upstream's ``DynamicLossScaler`` only engages
+for float16 losses).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -55,6 +64,8 @@ class FusedBackwardOptimizer(Optimizer):
         self.step_num = 0  # number of fused updates done (AdaLomo's beta2 schedule reads it)
         self.clip_coef: torch.Tensor | None = None
         self._mode: str | None = None  # None: hooks idle; "norm": measure; "update": update
+        #: averages a gradient across data-parallel ranks in place; set only during fused_backward
+        self._average_gradient: Callable[[torch.Tensor], None] | None = None
         self._norms: list[torch.Tensor] = []
         self._handles = []
         for index, group in enumerate(self.param_groups):
@@ -82,6 +93,9 @@ class FusedBackwardOptimizer(Optimizer):
         with torch.no_grad():
             grad_fp32 = p.grad.to(torch.float32)
             p.grad = None
+            if self._average_gradient is not None:
+                # DDP: the rank-averaged gradient, before it is measured or used (the same on every rank)
+                self._average_gradient(grad_fp32)
             self._unscale(grad_fp32)
             if self._mode == "norm":
                 # two backward passes: this one only measures, the next one updates
@@ -96,15 +110,32 @@ class FusedBackwardOptimizer(Optimizer):
         finally:
             self._mode = None
 
+    @contextlib.contextmanager
+    def _averaging(self, average_gradient: Callable[[torch.Tensor], None] | None) -> Iterator[None]:
+        previous = self._average_gradient
+        if average_gradient is not None:
+            self._average_gradient = average_gradient
+        try:
+            yield
+        finally:
+            self._average_gradient = previous
+
     # -- public API -------------------------------------------------------------------------------
-    def grad_norm(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    def grad_norm(
+        self,
+        loss: torch.Tensor,
+        max_grad_norm: float,
+        average_gradient: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Norm pass: backward with ``retain_graph=True`` that only measures the global gradient norm.
 
         Sets the clipping coefficient the next :meth:`fused_backward` update applies (upstream's
         formula: ``clamp(max_grad_norm / (norm + 1e-6), max=1)``) and returns the pre-clip norm.
+        ``average_gradient``: see :meth:`fused_backward` (the norm is that of the averaged gradient).
         """
         self._norms = []
-        self._backward(loss, "norm")
+        with self._averaging(average_gradient):
+            self._backward(loss, "norm")
         with torch.no_grad():
             if self._norms:
                 total_norm = torch.norm(torch.stack(self._norms), 2.0)
@@ -115,7 +146,11 @@ class FusedBackwardOptimizer(Optimizer):
         return total_norm
 
     def fused_backward(
-        self, loss: torch.Tensor, lr: float | None = None, max_grad_norm: float | None = None
+        self,
+        loss: torch.Tensor,
+        lr: float | None = None,
+        max_grad_norm: float | None = None,
+        average_gradient: Callable[[torch.Tensor], None] | None = None,
     ) -> float | None:
         """Backward pass that updates every parameter as soon as its gradient is ready.
 
@@ -123,17 +158,22 @@ class FusedBackwardOptimizer(Optimizer):
         group. With ``max_grad_norm > 0`` a norm pass runs first (see :meth:`grad_norm`) and the
         gradients are clipped to that global norm; the measured pre-clip norm is returned. Without
         clipping no norm is measured and ``None`` is returned.
+
+        ``average_gradient(grad)`` (data parallelism): averages a gradient across the ranks in place;
+        each hook calls it on the float32 copy of its gradient before measuring or using it, in both
+        passes. Used only for the duration of this call.
         """
         self.lr = float(self.param_groups[0]["lr"] if lr is None else lr)
         total_norm = None
         self.clip_coef = None
-        if max_grad_norm is not None and max_grad_norm > 0:
-            total_norm = self.grad_norm(loss, max_grad_norm)
-        self.step_num += 1
-        try:
-            self._backward(loss, "update")
-        finally:
-            self.clip_coef = None
+        with self._averaging(average_gradient):
+            if max_grad_norm is not None and max_grad_norm > 0:
+                total_norm = self.grad_norm(loss, max_grad_norm)
+            self.step_num += 1
+            try:
+                self._backward(loss, "update")
+            finally:
+                self.clip_coef = None
         return None if total_norm is None else float(total_norm)
 
     @torch.no_grad()

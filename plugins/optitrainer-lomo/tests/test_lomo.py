@@ -20,6 +20,8 @@ from optitrainer_lomo.optim import AdaLomo, FusedBackwardOptimizer, Lomo
 
 import optitrainer
 from optitrainer import IncompatibleConfigError, OptiTrainer, OptiTrainingArguments
+from optitrainer.compat import argument_conflicts
+from optitrainer.engine import Engine
 from optitrainer.testing import (
     SyntheticLMDataset,
     assert_learns,
@@ -62,7 +64,8 @@ def test_registered_from_this_distribution():
         assert resolved.provenance.distribution == "optitrainer-lomo"
         caps = resolved.spec.capabilities
         assert caps.owns_backward and not caps.gradient_accumulation and not caps.fp16
-        assert caps.distributed == frozenset()
+        assert caps.distributed == frozenset({"ddp"}) and caps.engines == {"ddp"}  # DDP only
+        assert "DeepSpeed owns the backward pass" in caps.distributed_note
 
 
 # -- 1. parity with transformers.Trainer ------------------------------------------------------------
@@ -296,10 +299,21 @@ def test_refused_before_training(name, tmp_path):
     class TwoProcesses(OptiTrainingArguments):
         world_size = property(lambda self: 2)
 
-    with pytest.raises(IncompatibleConfigError, match="DDP training.*train on one process"):
-        TwoProcesses(**base)
-
+    TwoProcesses(**base)  # DDP is accepted (tests/test_lomo_ddp.py trains under it)
     args = OptiTrainingArguments(**base)
+    resolved = optitrainer.get_optimizer(name)
+    assert argument_conflicts(resolved, args, Engine("ddp", 2, source="test")) == []
+    for engine in (
+        Engine("deepspeed", 2, zero_stage=3, source="test"),
+        Engine("deepspeed", 2, zero_stage=1, source="test"),
+        Engine("fsdp", 2, fsdp_version=2, source="test"),
+    ):
+        (refusal,) = argument_conflicts(resolved, args, engine)
+        assert refusal.startswith(f"{engine} training (from test): {name} supports DDP"), refusal
+        assert "DeepSpeed owns the backward pass" in refusal and "launch with DDP" in refusal
+    zero3 = argument_conflicts(resolved, args, Engine("deepspeed", 2, zero_stage=3, source="test"))[0]
+    assert "upstream's ZeRO-3 path" in zero3 and "outside transformers' Trainer" in zero3
+
     with pytest.raises(IncompatibleConfigError, match="load the model in bfloat16 or float32"):
         OptiTrainer(model=tiny_llama().half(), args=args, train_dataset=SyntheticLMDataset(n=8))
 
