@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test test-distributed-sweep demo bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ install: $(BIN)/python
 
 test:
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# every registered name and layerwise form that claims DDP, through torchrun (CI runs a sample)
+test-distributed-sweep:
+	OPTITRAINER_DIST_SWEEP=1 $(BIN)/python -m pytest -q tests/test_distributed.py $(PYTEST_ARGS)
 
 demo:
 	$(BIN)/python examples/demo.py

@@ -2,18 +2,29 @@
 with the same global batch (up to float reordering), layerwise forms included, and resume from a checkpoint is exact.
 
 One launch trains every case (each launch costs ~10 s of startup); the one-process references run here.
+CI runs the cases below; ``OPTITRAINER_DIST_SWEEP=1`` (``make test-distributed-sweep``) adds every other
+registered name and layerwise form that claims DDP.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from launch import torchrun
 
-from optitrainer.testing import GUIDE_TARGET_MODULES, max_param_diff, run_training, tiny_llama
+from optitrainer.compat import supported_engines
+from optitrainer.registry import REGISTRY
+from optitrainer.testing import (
+    GUIDE_TARGET_MODULES,
+    conformance_cases,
+    max_param_diff,
+    run_training,
+    tiny_llama,
+)
 
 #: float reordering (two half-batch gradients averaged vs one batch) over 4 steps: measured ≤ 3.5e-5
 TOL = 1e-4
@@ -54,6 +65,12 @@ CASES = {
         },
     ),
 }
+
+if os.environ.get("OPTITRAINER_DIST_SWEEP") == "1":
+    for _case in conformance_cases():
+        if _case.skip is None and _case.optim not in CASES:
+            if "ddp" in supported_engines(REGISTRY.resolve(_case.optim, check_installed=False)):
+                CASES[_case.optim] = (_case.optim, dict(_case.args))
 
 
 @pytest.fixture(scope="module")
