@@ -80,7 +80,7 @@ def ddp_results(tmp_path_factory):
     # every case again: 2 steps, checkpoint, a fresh trainer resumes to step 4
     runs += [{**run, "name": run["name"] + "_resumed", "resume_at": 2} for run in runs]
     (out / "runs.json").write_text(json.dumps(runs))
-    torchrun(Path(__file__).with_name("dist_train.py"), out, out / "runs.json", timeout=420)
+    torchrun(Path(__file__).with_name("dist_train.py"), out, out / "runs.json", timeout=max(420, 12 * len(runs)))
 
     def load(name: str) -> tuple[dict, dict]:
         ranks = [torch.load(out / f"{name}.rank{r}.pt", weights_only=False) for r in (0, 1)]
