@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from .plugin import BuildContext, OptimizerSpec
+from .plugin import DISTRIBUTED_MODES, BuildContext, Capabilities, OptimizerSpec
 
 
 def transformers_optimizer_names() -> set[str]:
@@ -46,6 +46,8 @@ def fallback_spec(name: str):
         factory=_build_with_transformers,
         summary="built by transformers' own optimizer handler (no optitrainer plugin provides it)",
         transformers_name=name,
+        # transformers decides what runs where (as with a plain Trainer); optitrainer vouches for nothing
+        capabilities=Capabilities(distributed=DISTRIBUTED_MODES),
         docs=f"The plugin {plugin} provides optitrainer's own {name!r}: pip install {plugin}"
         if plugin
         else "",
