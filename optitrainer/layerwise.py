@@ -22,7 +22,13 @@ its gradient across ranks (``average_gradient``) before the update, so every ran
 averaged gradient and frees it right after; accumulation communicates on the last micro-batch only,
 and the norm pass of exact clipping measures the averaged gradients (so the global norm is the same
 on every rank). Under FSDP2 the hooks receive the reduce-scattered shard of each gradient; the
-optimizer steps on the shard, and the clipping norm sums the shards' squares across ranks.
+optimizer steps on the shard, and the clipping norm sums the shards' squares across ranks. With
+``set_requires_gradient_sync(False)`` on the micro-batches before the last (accelerate's ``no_sync``)
+FSDP2 calls no hook until the last one. The engine may be built before the model is sharded (the
+Trainer's order): the inner optimizers follow the sharded parameters that replace the built ones in
+the param groups (see ``_follow_params``). Sharded checkpoints: :mod:`optitrainer.distributed_checkpoint`
+(DCP, each rank its shards of the inner states; :meth:`LayerwiseOptimizer.init_state` first creates the
+state a checkpoint loads into).
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             groups.append({"params": [param], "lr": lr, "param_name": name})
         super().__init__(groups, defaults={"lr": groups[0]["lr"] if groups else 0.0})
         self.inner: dict[str, torch.optim.Optimizer] = {n: o for n, _, o in named_optimizers}
+        #: the parameter each inner optimizer steps (see :meth:`_follow_params`)
+        self._param_of: dict[str, nn.Parameter] = {n: p for n, p, _ in named_optimizers}
         self._group_of: dict[int, dict[str, Any]] = {id(g["params"][0]): g for g in self.param_groups}
         self._name_of: dict[int, str] = {id(p): n for n, p, _ in named_optimizers}
         # inner groups keep their ratio to the scheduled rate (1 unless a plugin scales a group)
@@ -75,6 +83,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def attach(self) -> None:
         if self._handles:
             return
+        self._follow_params()
         for group in self.param_groups:
             p = group["params"][0]
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
@@ -105,6 +114,58 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             g["lr"] = lr * ratio
         inner.step()
         param.grad = None
+
+    def _follow_params(self) -> None:
+        """Point the inner optimizers (and their state) at the parameters now in the param groups.
+
+        A wrapper may swap an optimizer's parameters after it was built: accelerate's FSDP2 preparation
+        shards the model and replaces each ``param_groups[i]["params"]`` entry with the sharded
+        parameter (``fsdp2_switch_optimizer_parameters``). The inner optimizers still hold the old ones.
+        """
+        for group in self.param_groups:
+            name, new = group["param_name"], group["params"][0]
+            old = self._param_of[name]
+            if new is old:
+                continue
+            inner = self.inner[name]
+            for g in inner.param_groups:
+                g["params"] = [new if q is old else q for q in g["params"]]
+            if old in inner.state:
+                inner.state[new] = inner.state.pop(old)
+            self._param_of[name] = new
+            self._name_of.pop(id(old), None)
+            self._group_of.pop(id(old), None)
+            self._name_of[id(new)] = name
+            self._group_of[id(new)] = group
+
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create every inner optimizer's state now (a zero-gradient step at lr 0), weights untouched.
+
+        ``Optimizer`` states are created lazily at the first step; a sharded checkpoint
+        (``torch.distributed.checkpoint``) loads in place, into a state dict whose tensors already exist.
+        Each parameter's weights and gradient are restored bit for bit afterwards, so an optimizer that
+        moves weights even at lr 0 (decoupled decay on a relative step size, schedule-free averaging)
+        leaves no trace; the state it created is meant to be overwritten by the load.
+        """
+        self._follow_params()
+        for group in self.param_groups:
+            name, p = group["param_name"], group["params"][0]
+            inner = self.inner[name]
+            if inner.state.get(p):
+                continue
+            weights, grad = p.detach().clone(), p.grad
+            lrs = [g["lr"] for g in inner.param_groups]
+            p.grad = torch.zeros_like(p)
+            for g in inner.param_groups:
+                g["lr"] = torch.zeros_like(g["lr"]) if isinstance(g["lr"], torch.Tensor) else 0.0
+            try:
+                inner.step()
+            finally:
+                for g, lr in zip(inner.param_groups, lrs):
+                    g["lr"] = lr
+                p.copy_(weights)
+                p.grad = grad
 
     # one training step ---------------------------------------------------------------------------
     def run_training_step(self, run_forward_backward: Callable[[], torch.Tensor], sync: bool) -> torch.Tensor:
@@ -147,12 +208,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return None
 
     def state_dict(self) -> dict[str, Any]:
+        self._follow_params()
         return {
             "layerwise": {name: opt.state_dict() for name, opt in self.inner.items()},
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._follow_params()
         inner_states = state_dict["layerwise"]
         missing = sorted(set(self.inner) - set(inner_states))
         if missing:
