@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,6 +227,38 @@ class OptiTrainerMixin:
     def _save_checkpoint(self, model, trial):
         with self._weights_for_saving():
             return super()._save_checkpoint(model, trial)
+
+    # -- sharded checkpoints of the layerwise engine (FSDP2) -----------------------------------------
+    #: folder of a checkpoint holding the layerwise engine's sharded state (torch.distributed.checkpoint)
+    LAYERWISE_DCP_DIR = "optimizer_layerwise"
+
+    def _layerwise_sharded(self) -> bool:
+        # accelerate saves FSDP optimizers through torch's get_optimizer_state_dict, which expects torch's
+        # {"state", "param_groups"} layout; the engine's per-parameter states go through DCP instead
+        return isinstance(self._opti_optimizer, LayerwiseOptimizer) and self.opti_engine.kind == "fsdp"
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._layerwise_sharded():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from .distributed_checkpoint import save_sharded
+
+        save_sharded(os.path.join(output_dir, self.LAYERWISE_DCP_DIR), self._opti_optimizer)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self._layerwise_sharded():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from transformers.trainer import SCHEDULER_NAME
+
+        from .distributed_checkpoint import load_sharded
+
+        load_sharded(os.path.join(checkpoint, self.LAYERWISE_DCP_DIR), self._opti_optimizer)
+        self.lr_scheduler.load_state_dict(
+            torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         with self._weights_for_saving():
