@@ -98,7 +98,12 @@ ADAGRAD = OptimizerSpec(
         Option("eps", float, 1e-10, "term added to the denominator", low=0.0),
         Option("initial_accumulator_value", float, 0.0, "initial sum of squares", low=0.0),
     ),
-    capabilities=ELEMENTWISE,
+    capabilities=Capabilities(
+        layerwise=True,
+        distributed=frozenset({"ddp", "fsdp"}),
+        distributed_note="DeepSpeed rebuilds torch's Adagrad (whose state exists from construction) as one "
+        "parameter group: the weight-decay groups and the scheduled learning rate would be lost",
+    ),
     transformers_name="adagrad",
 )
 
