@@ -73,3 +73,129 @@ def test_info_galore_shows_its_options_table(cli):
     for key in ("rank", "update_proj_gap", "scale", "proj_type"):
         assert f"│ {key} " in text
     assert "128" in text and "200" in text and "0.25" in text and "'std'" in text
+
+
+def test_info_has_a_distributed_section_with_engines_and_reasons(cli):
+    text = cli("info", "galore_adamw").stdout
+    section = text[text.index("Distributed") :]
+    assert "galore_adamw: DDP" in section and "galore_adamw_layerwise: DDP" in section
+    assert "refused under DeepSpeed ZeRO-0/1/2/3, FSDP1/2: the projection needs each weight whole" in section
+
+
+def test_info_distributed_section_of_a_layerwise_form(cli):
+    text = cli("info", "adamw_torch_layerwise").stdout
+    assert "adamw_torch: DDP, DeepSpeed ZeRO-0/1/2/3, FSDP1/2" in text
+    assert "adamw_torch_layerwise: DDP, FSDP2" in text
+    assert (
+        "refused under DeepSpeed ZeRO-0/1/2/3: layerwise mode steps each parameter from its gradient hook"
+        in text
+    )
+    assert "refused under FSDP1: layerwise mode" in text
+
+
+def test_list_engine_filters_names_that_train_there(cli):
+    out = cli("list", "--engine", "ZeRO-3")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("│ ")}
+    assert "adamw_torch" in rows and "sgd" in rows
+    assert "muon" not in rows and "galore_adamw" not in rows and "adalomo" not in rows
+    assert "layerwise" not in rows["adamw_torch"]  # its layerwise form is refused under ZeRO-3
+    fsdp2 = cli("list", "--engine", "fsdp2").stdout
+    row = next(line for line in fsdp2.splitlines() if line.startswith("│ adamw_torch "))
+    assert "standard, layerwise" in row
+
+
+def test_list_engine_rejects_unknown_engines(cli, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli("list", "--engine", "zero9")
+    assert exc.value.code == 2
+    assert "use one of ddp, zero0, zero1, zero2, zero3, fsdp1, fsdp2" in capsys.readouterr().err
+
+
+def _markdown_rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
+    return {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[2:-1]] for line in lines}
+
+
+def test_matrix_markdown(cli):
+    out = cli("matrix", "--markdown")
+    assert out.returncode == 0, out.stderr
+    assert "| `optim=` | DDP | ZeRO-0 | ZeRO-1 | ZeRO-2 | ZeRO-3 | FSDP1 | FSDP2 |" in out.stdout
+    rows = _markdown_rows(out.stdout)
+    columns = ["DDP", "ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP1", "FSDP2"]
+    lw = dict(zip(columns, rows["adamw_torch_layerwise"]))
+    assert lw["DDP"] == "✓" and lw["FSDP2"] == "✓" and lw["ZeRO-2"] == "✗" and lw["FSDP1"] == "✗"
+    assert rows["adamw_torch"] == ["✓"] * 7
+    assert rows["muon"] == ["✓"] + ["✗"] * 6
+    assert "muon_layerwise" not in rows  # muon cannot run layerwise
+    assert "galore_adamw_layerwise" in rows
+    # every ✗ has its reason, once per reason
+    assert (
+        "- Newton-Schulz orthogonalizes whole 2-D weights; ZeRO flattens and FSDP shards them: `muon` (ZeRO-0/1/2/3, FSDP1/2)"
+        in out.stdout
+    )
+
+
+def test_matrix_terminal_table_and_names(cli):
+    out = cli("matrix", "muon", "sgd_layerwise")
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.startswith("│ ")}
+    assert set(rows) == {"muon", "sgd", "sgd_layerwise"}
+    assert rows["muon"].count("✓") == 1 and rows["muon"].count("✗") == 6
+    assert rows["sgd_layerwise"].count("✓") == 2
+    assert cli("matrix", "sgdd").returncode == 2
+
+
+def test_matrix_write_rewrites_between_the_markers(cli, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# title\n\n<!-- matrix:start -->\nold\n<!-- matrix:end -->\n\nafter\n")
+    assert cli("matrix", "--write", str(doc)).returncode == 0
+    text = doc.read_text()
+    assert (
+        "old" not in text and text.startswith("# title\n") and text.endswith("<!-- matrix:end -->\n\nafter\n")
+    )
+    assert "| `adamw_torch_layerwise` | ✓ |" in text
+    once = text
+    cli("matrix", "--write", str(doc))
+    assert doc.read_text() == once  # idempotent
+    (tmp_path / "bare.md").write_text("no markers\n")
+    assert cli("matrix", "--write", str(tmp_path / "bare.md")).returncode == 2
+
+
+def test_support_matrix_imports_no_upstream_package():
+    import sys
+
+    from optitrainer.registry import REGISTRY
+    from optitrainer.support_matrix import support_matrix
+
+    upstream = {m.split(".")[0] for info in REGISTRY.list() if not info.error for m in _imports(info.name)}
+    before = {m for m in upstream if m in sys.modules}
+    rows = support_matrix()
+    assert {m for m in upstream if m in sys.modules} == before
+    assert {r.name for r in rows} >= {"adamw_torch", "adamw_torch_layerwise", "galore_adamw_layerwise"}
+
+
+def _imports(name: str) -> tuple[str, ...]:
+    from optitrainer.registry import REGISTRY
+
+    return REGISTRY.resolve(name, check_installed=False).spec.imports
+
+
+def test_support_matrix_cells_carry_the_trainers_refusal():
+    from optitrainer.support_matrix import support_matrix
+
+    rows = {r.name: r for r in support_matrix(["muon", "sgd"])}
+    assert set(rows) == {"muon", "sgd", "sgd_layerwise"}
+    cell = rows["muon"].cells["zero3"]
+    assert not cell.supported and cell.why.startswith("Newton-Schulz")
+    assert (
+        cell.refusal.startswith("DeepSpeed ZeRO-3 training: muon supports DDP (")
+        and "(from" not in cell.refusal
+    )
+    assert rows["sgd_layerwise"].engines == {"ddp", "fsdp2"}
+    assert rows["sgd"].cells["fsdp1"].refusal is None
+
+
+def test_info_of_a_transformers_only_name_refuses_no_engine(cli):
+    text = cli("info", "adamw_bnb_8bit").stdout
+    assert "Distributed: no engine is refused; transformers decides" in text
