@@ -1,15 +1,19 @@
-"""Gradient averaging for engines that consume gradients inside the backward pass (layerwise, fused).
+"""Data parallelism for engines that consume gradients inside the backward pass (layerwise, fused).
 
-Under DDP the trainer runs such steps inside ``DistributedDataParallel.no_sync()`` (DDP's own
-reducer would average after the hooks already stepped on local gradients); each per-parameter hook
-averages its gradient across ranks itself, just before the update. Under FSDP2 the hooks already
-receive the reduce-scattered shard gradient, so there is nothing to do.
+Under DDP each per-parameter hook averages its gradient across ranks itself, just before the update
+(:func:`gradient_averager`). DDP's wrapper would only be in the way: its reducer averages after the
+hooks already stepped, and it allocates gradient buckets as large as every gradient together when it
+wraps the model, which would undo the memory layerwise training saves. So the trainer keeps the model
+unwrapped (:func:`replicate_without_ddp`: the initial weights are broadcast from rank 0, as DDP does),
+and runs a DDP-wrapped model it is handed anyway inside ``no_sync()`` (:func:`without_ddp_reduction`).
+Under FSDP2 the hooks already receive the reduce-scattered shard gradient: nothing to do.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -34,6 +38,29 @@ def gradient_averager(engine: Engine) -> Callable[[torch.Tensor], None]:
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
 
     return average
+
+
+def replicate_without_ddp(accelerator: Any) -> None:
+    """Make ``accelerator.prepare`` keep a model out of DDP's wrapper, with rank 0's weights everywhere."""
+    prepare_model = accelerator.prepare_model
+
+    def prepare_model_without_ddp(model, device_placement=None, evaluation_mode=False):
+        # accelerate's evaluation mode places the model on its device and skips only the wrapping
+        prepared = prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+        if not evaluation_mode:
+            broadcast_from_rank0(prepared)
+        return prepared
+
+    accelerator.prepare_model = prepare_model_without_ddp
+
+
+@torch.no_grad()
+def broadcast_from_rank0(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP does when it wraps a model)."""
+    import torch.distributed as dist
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=0)
 
 
 @contextlib.contextmanager

@@ -93,7 +93,7 @@ def engine_from_arguments(args: Any) -> Engine:
         config = getattr(args, "fsdp_config", None) or {}
         version = plugin_args.get("fsdp_version", config.get("version", 1))
         return Engine("fsdp", world_size, fsdp_version=int(version), source="fsdp=")
-    if _env_true("ACCELERATE_USE_FSDP"):
+    if _env_true("ACCELERATE_USE_FSDP") and not getattr(args, "use_cpu", False):
         version = int(os.environ.get("FSDP_VERSION", 1))
         return Engine("fsdp", world_size, fsdp_version=version, source="accelerate's FSDP config")
     if world_size > 1:
@@ -117,6 +117,8 @@ def engine_from_accelerator(accelerator: Any) -> Engine:
         version = int(getattr(plugin, "fsdp_version", 1) or 1)
         return Engine("fsdp", world_size, fsdp_version=version, source="the accelerator (FSDP)")
     if world_size > 1:
+        if dtype == DistributedType.NO:  # several processes, yet nothing keeps their weights in step
+            return Engine("unsynchronized", world_size, source="the accelerator (no data-parallel engine)")
         return Engine("ddp", world_size, source="the accelerator")
     return Engine()
 
@@ -127,12 +129,31 @@ _RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "
 
 
 def launch_problem(engine: Engine) -> str | None:
-    """Why this process trains alone although its launch asked for several, or ``None``.
+    """Why the processes the launcher started would not train as one data-parallel job, or ``None``.
 
-    ``accelerate launch`` with a multi-CPU config and no MPI launcher runs the script once, as one
-    process: it only sets ``MASTER_ADDR``/``MASTER_PORT`` (which it does when ``num_processes > 1``) and
-    no rank variables. Training would go on alone, silently.
+    - ``accelerate launch`` with a multi-CPU config and no MPI launcher runs the script once, as one
+      process: it only sets ``MASTER_ADDR``/``MASTER_PORT`` (which it does when ``num_processes > 1``)
+      and no rank variables. Training would go on alone, silently.
+    - On a machine without GPUs, ``torchrun`` without ``use_cpu=True`` gives accelerate no data-parallel
+      engine: it splits the data over the ranks but wraps nothing, so each rank trains its own weights.
+    - accelerate counting fewer processes than ``torch.distributed`` runs (DeepSpeed through ``torchrun``
+      on CPU): every rank trains on the same batches.
     """
+    if engine.kind == "unsynchronized":
+        return (
+            f"{engine.world_size} processes run but accelerate set up no data-parallel engine (distributed type "
+            "NO): each rank would train its own copy of the weights on its own data. On a machine without GPUs "
+            "pass use_cpu=True (--use_cpu) so that accelerate runs DDP over gloo"
+        )
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() != engine.world_size:
+        return (
+            f"torch.distributed runs {dist.get_world_size()} processes but accelerate counts {engine.world_size} "
+            f"({engine}): every rank would train on the same batches. With DeepSpeed on a machine without GPUs "
+            "this comes from torchrun (accelerate picks no process-group backend for DeepSpeed there): launch "
+            "with `accelerate launch --config_file <DeepSpeed config> ... --ddp_backend gloo`"
+        )
     env = os.environ
     launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in env and "ACCELERATE_MIXED_PRECISION" in env
     if engine.is_distributed or not launched_by_accelerate or "MASTER_PORT" not in env:

@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState
 
 from .arguments import OptimizerChoice, choose_optimizer
 from .compat import check_arguments, raise_conflicts
-from .data_parallel import gradient_averager, without_ddp_reduction
+from .data_parallel import gradient_averager, replicate_without_ddp, without_ddp_reduction
 from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
@@ -63,6 +63,11 @@ class OptiTrainerMixin:
             # launcher may have chosen one the arguments do not show
             check_arguments(self._opti_choice.resolved, self.args, self.opti_engine)
             logger.info("optitrainer: distributed engine: %s", self.opti_engine)
+            resolved = self._opti_choice.resolved
+            if self.opti_engine.kind == "ddp" and (
+                resolved.layerwise or resolved.spec.capabilities.owns_backward
+            ):
+                replicate_without_ddp(self.accelerator)  # the hooks average the gradients themselves
             if self.model is not None:
                 self._check_model(self.model)
             prov = self._opti_choice.resolved.provenance

@@ -60,6 +60,7 @@ def train(run, output_dir, resume=None, **extra):
         "losses": [h["loss"] for h in logs],
         "grad_norms": [h.get("grad_norm") for h in logs],
         "engine": str(trainer.opti_engine),
+        "wrapper": type(trainer.model_wrapped).__name__,
     }
 
 

@@ -106,6 +106,9 @@ def test_ddp_ranks_identical_and_equal_to_one_process(case, ddp_results, tmp_pat
     r0, r1 = ddp_results(case)
     assert max_param_diff(r0["params"], r1["params"]) == 0.0, f"{case}: ranks differ"
     optim, args = CASES[case]
+    # layerwise and fused-backward forms average in their hooks: no DDP wrapper (nor its gradient buckets)
+    in_hooks = REGISTRY.resolve(optim).layerwise or REGISTRY.resolve(optim).spec.capabilities.owns_backward
+    assert (r0["wrapper"] == "DistributedDataParallel") != in_hooks, r0["wrapper"]
     ref = one_process(optim, {**DDP, **args}, tmp_path)
     initial = dict(tiny_llama(seed=0).named_parameters())
 

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from launch import run_launcher
+from launch import run_launcher, torchrun
 
 from optitrainer.engine import Engine, launch_problem
 
@@ -22,10 +22,12 @@ use_cpu: true
 """
 
 SCRIPT = """\
+import sys
 from optitrainer import LaunchError, OptiTrainer
 from optitrainer.testing import SyntheticLMDataset, tiny_llama, training_arguments
 
-args = training_arguments("out", optim="adamw_torch", max_steps=2)
+extra = {"use_cpu": False, "ddp_backend": "gloo"} if "--no-use-cpu" in sys.argv else {}
+args = training_arguments("out", optim="adamw_torch", max_steps=2, **extra)
 try:
     OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset()).train()
     print("TRAINED ALONE")
@@ -66,3 +68,12 @@ def test_launch_problem_only_for_accelerates_single_process_launch(monkeypatch):
     monkeypatch.setenv("RANK", "0")  # a real multi-process launch sets the rank variables
     assert launch_problem(Engine()) is None
     assert launch_problem(Engine("ddp", 2)) is None
+
+
+def test_torchrun_without_a_data_parallel_engine_is_refused(tmp_path):
+    """Without GPUs and without use_cpu=True, accelerate splits the data but wraps nothing: ranks diverge."""
+    (tmp_path / "train.py").write_text(textwrap.dedent(SCRIPT))
+    proc = torchrun(tmp_path / "train.py", "--no-use-cpu", timeout=180)
+    assert "TRAINED ALONE" not in proc.output
+    assert proc.output.count("REFUSED: 2 processes run but accelerate set up no data-parallel engine") == 2
+    assert "pass use_cpu=True" in proc.output
