@@ -36,28 +36,34 @@ def describe_engines(engines: frozenset[str]) -> str:
     return ", ".join(parts) or "no distributed engine"
 
 
-def engine_conflict(resolved: ResolvedOptimizer, engine: Engine) -> str | None:
-    """The refusal of ``engine`` for ``resolved``, or ``None`` when it trains correctly there."""
-    if not engine.is_distributed:
-        return None
-    engines = supported_engines(resolved)
-    if engine.mode in engines:
+def engine_refusal_reason(resolved: ResolvedOptimizer, engine: Engine) -> str | None:
+    """Why ``resolved`` cannot train under ``engine``, or ``None`` when it trains correctly there."""
+    if not engine.is_distributed or engine.mode in supported_engines(resolved):
         return None
     caps = resolved.spec.capabilities
-    name = resolved.name
     if resolved.layerwise and engine.mode in caps.engines:
-        why = "layerwise mode steps each parameter from its gradient hook, which " + (
+        return "layerwise mode steps each parameter from its gradient hook, which " + (
             "DeepSpeed calls before its own gradient reduction and partitioning"
             if engine.kind == "deepspeed"
             else "FSDP1 calls on the unreduced flat parameter"
         )
-    else:
-        why = caps.distributed_note or f"the plugin does not declare {engine} support"
+    return caps.distributed_note or f"the plugin does not declare {engine} support"
+
+
+def engine_conflict(resolved: ResolvedOptimizer, engine: Engine) -> str | None:
+    """The refusal of ``engine`` for ``resolved`` (what, why, the fix), or ``None`` when it trains there."""
+    why = engine_refusal_reason(resolved, engine)
+    if why is None:
+        return None
+    engines = supported_engines(resolved)
     fix = f"launch with {describe_engines(engines)}" if engines else "train on one process"
-    base = resolved.spec.name
-    if resolved.layerwise and engine.mode in caps.engines:
-        fix += f", or use optim={base!r} (the standard form runs under {engine})"
-    return f"{engine} training (from {engine.source}): {name} supports {describe_engines(engines)} ({why}); {fix}, or pick another optimizer"
+    if resolved.layerwise and engine.mode in resolved.spec.capabilities.engines:
+        fix += f", or use optim={resolved.spec.name!r} (the standard form runs under {engine})"
+    source = f" (from {engine.source})" if engine.source else ""
+    return (
+        f"{engine} training{source}: {resolved.name} supports {describe_engines(engines)} ({why}); "
+        f"{fix}, or pick another optimizer"
+    )
 
 
 def _cuda_available() -> bool:

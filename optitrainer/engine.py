@@ -40,6 +40,17 @@ class Engine:
             return f"fsdp{self.fsdp_version or 1}"
         return None
 
+    @classmethod
+    def for_mode(cls, mode: str, world_size: int = 2, source: str = "") -> Engine:
+        """The engine whose :attr:`mode` is ``mode`` (a key of ``optitrainer.plugin.ENGINE_MODES``)."""
+        if mode == "ddp":
+            return cls("ddp", world_size, source=source)
+        if mode in ("zero0", "zero1", "zero2", "zero3"):
+            return cls("deepspeed", world_size, zero_stage=int(mode[-1]), source=source)
+        if mode in ("fsdp1", "fsdp2"):
+            return cls("fsdp", world_size, fsdp_version=int(mode[-1]), source=source)
+        raise ValueError(f"unknown engine {mode!r}: use ddp, zero0..zero3, fsdp1 or fsdp2")
+
     @property
     def is_distributed(self) -> bool:
         return self.kind != "single"

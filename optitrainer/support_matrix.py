@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .compat import describe_engines, engine_conflict, supported_engines
+from .compat import describe_engines, engine_conflict, engine_refusal_reason
 from .engine import Engine
 from .plugin import ENGINE_MODES
 from .registry import LAYERWISE_SUFFIX, REGISTRY, Provenance
@@ -51,13 +51,7 @@ YES, NO = "✓", "✗"
 
 def engine_for_mode(mode: str, world_size: int = 2) -> Engine:
     """A distributed :class:`Engine` whose :attr:`~Engine.mode` is ``mode`` (a key of :data:`ENGINE_MODES`)."""
-    if mode == "ddp":
-        return Engine("ddp", world_size)
-    if mode.startswith("zero"):
-        return Engine("deepspeed", world_size, zero_stage=int(mode[-1]))
-    if mode.startswith("fsdp"):
-        return Engine("fsdp", world_size, fsdp_version=int(mode[-1]))
-    raise ValueError(f"unknown engine {mode!r}; use one of {list(ENGINE_MODES)}")
+    return Engine.for_mode(mode, world_size)
 
 
 @dataclass(frozen=True)
@@ -91,29 +85,15 @@ class SupportRow:
         return frozenset(m for m, c in self.cells.items() if c.supported)
 
 
-def _why(refusal: str, name: str, described: str) -> str:
-    """The explanation inside ``engine_conflict``'s sentence: "<name> supports <engines> (<why>); <fix>"."""
-    head = f"{name} supports {described} ("
-    start = refusal.find(head)
-    if start < 0:
-        return refusal
-    start += len(head)
-    ends = [refusal.rfind(f"); {fix}") for fix in ("launch with ", "train on one process")]
-    end = max(ends)
-    return refusal[start:end] if end > start else refusal[start:]
-
-
 def _row(resolved) -> SupportRow:
-    supported = supported_engines(resolved)
-    described = describe_engines(supported)
     cells = {}
     for mode in ENGINE_MODES:
-        refusal = engine_conflict(resolved, engine_for_mode(mode))
-        if refusal is None:
+        engine = engine_for_mode(mode)
+        why = engine_refusal_reason(resolved, engine)
+        if why is None:
             cells[mode] = SupportCell(mode, True)
-            continue
-        refusal = refusal.replace(" (from )", "")
-        cells[mode] = SupportCell(mode, False, refusal, _why(refusal, resolved.name, described))
+        else:
+            cells[mode] = SupportCell(mode, False, engine_conflict(resolved, engine), why)
     return SupportRow(resolved.name, resolved.spec.name, resolved.layerwise, resolved.provenance, cells)
 
 
@@ -147,15 +127,7 @@ def support_rows(name: str) -> list[SupportRow]:
 
 def _engine_list(modes: Iterable[str]) -> str:
     """``ZeRO-0/1/2/3, FSDP1/2``: engine keys, compactly."""
-    modes = [m for m in ENGINE_MODES if m in set(modes)]
-    parts = ["DDP"] if "ddp" in modes else []
-    stages = [m[-1] for m in modes if m.startswith("zero")]
-    if stages:
-        parts.append("ZeRO-" + "/".join(stages))
-    versions = [m[-1] for m in modes if m.startswith("fsdp")]
-    if versions:
-        parts.append("FSDP" + "/".join(versions))
-    return ", ".join(parts)
+    return describe_engines(frozenset(modes)).replace("DeepSpeed ", "")
 
 
 def render_markdown(rows: list[SupportRow]) -> str:

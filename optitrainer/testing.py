@@ -320,13 +320,7 @@ def check_refusals(case: ConformanceCase) -> None:
 
     supported = supported_engines(resolved)
     for mode in ENGINE_MODES:
-        if mode == "ddp":
-            engine = Engine("ddp", 2, source="test")
-        elif mode.startswith("zero"):
-            engine = Engine("deepspeed", 2, zero_stage=int(mode[-1]), source="test")
-        else:
-            engine = Engine("fsdp", 2, fsdp_version=int(mode[-1]), source="test")
-        assert engine.mode == mode
+        engine = Engine.for_mode(mode, source="test")
         found = [c for c in argument_conflicts(resolved, SimpleNamespace(**base), engine) if str(engine) in c]
         assert bool(found) != (mode in supported), (mode, found)
         if found:  # the refusal names what to do
