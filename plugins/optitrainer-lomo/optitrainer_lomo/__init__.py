@@ -6,7 +6,7 @@ gradient at once: no gradient buffers, no optimizer step. The plugin therefore o
 pass (``Capabilities.owns_backward``): the trainer calls :func:`fused_backward` instead of
 ``accelerator.backward(loss)``, with the scheduler's current learning rate.
 
-Under DDP the trainer runs the step inside ``no_sync()`` and hands over
+Under DDP the trainer keeps the model out of DDP's wrapper and hands over
 ``BackwardContext.average_gradient``: every hook averages its gradient across the ranks before the
 norm pass measures it and before the update uses it, so all ranks clip with the same global norm and
 apply the same update. DeepSpeed and FSDP are refused (see :data:`FUSED`).

@@ -24,7 +24,7 @@ bit for bit with upstream on the same model and batches) and change the machiner
 * data parallelism (DDP): ``fused_backward(..., average_gradient=fn)`` calls ``fn(grad)`` in each
   hook, on the float32 copy of the gradient, before the norm pass measures it and before the update
   uses it; ``fn`` averages it across the ranks in place (the trainer passes
-  ``BackwardContext.average_gradient`` and runs the step inside DDP's ``no_sync()``). Every rank then
+  ``BackwardContext.average_gradient`` and keeps the model out of DDP's wrapper). Every rank then
   measures the same global norm and applies the same update to its whole copy of the tensor, so the
   ranks stay bit-identical. The hooks must fire in the same order on every rank (one all-reduce per
   tensor and pass): the same graph on every rank, as DDP itself assumes.
