@@ -16,20 +16,42 @@ def transformers_optimizer_names() -> set[str]:
     return {m.value for m in OptimizerNames}
 
 
+class _TrainerStandIn:
+    """What transformers' ``Trainer.create_optimizer`` reads from ``self``, taken from the build context.
+
+    Running that method itself (not a copy of it) keeps every special case it has identical: the
+    bitsandbytes 8-bit embedding overrides, GaLore/APOLLO groups, LOMO, layerwise dicts, factories.
+    """
+
+    optimizer = None
+    optimizer_cls_and_kwargs = None
+
+    def __init__(self, ctx: BuildContext) -> None:
+        from transformers import Trainer
+
+        self.model, self.args, self._ctx = ctx.model, ctx.args, ctx
+        self.get_optimizer_cls_and_kwargs = Trainer.get_optimizer_cls_and_kwargs
+
+    def get_decay_parameter_names(self, model) -> set[str]:
+        return self._ctx.decay_parameter_names()  # the trainer's decision, passed in the context
+
+    def __getattr__(self, name: str):
+        import transformers
+
+        raise AttributeError(
+            f"transformers {transformers.__version__}'s Trainer.create_optimizer reads self.{name}, which "
+            "optitrainer's fallback does not provide; please report it to optitrainer"
+        )
+
+
 def _build_with_transformers(ctx: BuildContext):
     from transformers import Trainer
-    from transformers.trainer_optimizer import is_optimizer_factory
 
-    # transformers' handlers read the name from args.optim, which holds the requested name here
-    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(ctx.args, ctx.model)
-    if is_optimizer_factory(optimizer_cls):
-        return optimizer_cls()(ctx.model, **kwargs)
-    groups = ctx.param_groups()
-    # the same overrides Trainer.create_optimizer applies (GaLore groups, LOMO model, layerwise dict)
-    for key in ("params", "model", "optimizer_dict"):
-        if key in kwargs:
-            groups = kwargs.pop(key)
-    return optimizer_cls(groups, **kwargs)
+    if ctx.parameters is not None:
+        raise ValueError(f"optim={ctx.name!r}: transformers builds its optimizers for the whole model")
+    # transformers' handlers read the name from args.optim, which holds the requested name here (a str
+    # on OptiTrainingArguments: the handler table's keys are str enums, so the lookup is the same)
+    return Trainer.create_optimizer(_TrainerStandIn(ctx), ctx.model)
 
 
 def fallback_spec(name: str):
