@@ -21,7 +21,7 @@ DOC = ROOT / "docs" / "distributed.md"
 TORCHRUN_COMMAND = "torchrun --standalone --nproc_per_node 2 examples/distributed/train.py"
 RANK_LINE = re.compile(
     r"\[rank (?P<rank>\d+)/(?P<world>\d+)\] engine=(?P<engine>.+?) optim=(?P<optim>\S+) steps=(?P<steps>\d+) "
-    r"loss=(?P<loss>\S+) accelerator_processes=(?P<procs>\d+) weights_checksum=(?P<checksum>\S+)"
+    r"loss=(?P<loss>\S+) accelerator_processes=(?P<procs>\d+) weights_checksum=(?P<checksum>-?[\d.]+)"
 )
 
 

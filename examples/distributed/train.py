@@ -14,6 +14,7 @@ so the ranks of a data-parallel run can be seen to hold the same model.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -66,13 +67,14 @@ def main() -> None:
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    print(
+    line = (
         f"[rank {rank}/{world}] engine={trainer.opti_engine} optim={args.optim} "
         f"steps={trainer.state.global_step} loss={losses[-1] if losses else float('nan'):.4f} "
         f"accelerator_processes={trainer.accelerator.num_processes} "
-        f"weights_checksum={weights_checksum(trainer):.6f}",
-        flush=True,
+        f"weights_checksum={weights_checksum(trainer):.6f}\n"
     )
+    sys.stdout.write(line)  # one write: the ranks share the launcher's output, lines must not interleave
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
