@@ -8,12 +8,12 @@ the scheduler moves and the hooks read, so the scheduled learning rate is the on
 Gradient accumulation: the hooks only step on the last micro-batch of an optimizer step; until then
 gradients accumulate as usual (so memory holds every gradient during accumulation).
 
-Gradient clipping (``max_grad_norm > 0``) is exact and costs a second forward/backward: a first pass
-measures the global gradient norm (freeing each gradient once its norm is taken), a second pass, with
-the same RNG state, scales each gradient by ``torch.nn.utils.clip_grad_norm_``'s coefficient before
-its update. With accumulation it is refused (the norm needs every gradient before any update).
-Because the trainer's ``compute_loss`` runs twice per step when clipping, anything it counts (e.g.
-TRL's token counts and metrics) is counted twice; set ``max_grad_norm=0`` to train in one pass.
+Gradient clipping (``max_grad_norm > 0``) is exact and costs a second backward pass over the same
+graph (:meth:`LayerwiseOptimizer.backward`): a first pass (``retain_graph=True``) measures the global
+gradient norm, freeing each gradient once its norm is taken; the second scales each gradient by
+``torch.nn.utils.clip_grad_norm_``'s coefficient before its update. The trainer's ``training_step``
+(forward, loss, counters) runs once per micro-batch. With accumulation clipping is refused (the norm
+needs every gradient before any update).
 
 fp16 loss scaling is refused: the per-parameter step would see scaled gradients.
 
@@ -168,22 +168,47 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 p.grad = grad
 
     # one training step ---------------------------------------------------------------------------
-    def run_training_step(self, run_forward_backward: Callable[[], torch.Tensor], sync: bool) -> torch.Tensor:
-        """Run the trainer's forward/backward once, or twice when clipping (norm pass, then update pass)."""
+    def begin_step(self, sync: bool) -> None:
+        """Before a micro-batch's forward/backward: hooks attached; ``sync``: the last micro-batch of a step."""
         self.attach()
         self._sync = sync
         self._clip_coef = None
-        if not (sync and self.max_grad_norm > 0):
-            loss = run_forward_backward()
-            if sync:
-                self.last_grad_norm = None
-            return loss
-        rng = _rng_state()
+        if sync:
+            self.last_grad_norm = None
+
+    @property
+    def clips(self) -> bool:
+        """Whether this micro-batch's backward clips (measures the global norm first)."""
+        return self._sync and self.max_grad_norm > 0
+
+    def backward(
+        self, loss: torch.Tensor, run_backward: Callable[..., None] | None = None, **kwargs: Any
+    ) -> None:
+        """The backward pass of one micro-batch; with clipping, a norm pass and an update pass on one graph.
+
+        ``run_backward(loss, **kwargs)`` is the backward to run (the trainer passes its accelerator's;
+        default ``loss.backward``). With clipping the first pass keeps the graph (``retain_graph=True``) and
+        only measures the global norm, freeing each gradient as soon as its norm is taken; the second pass
+        steps every parameter with ``clip_grad_norm_``'s coefficient. The forward runs once: nothing the
+        trainer's step counts or draws (token counters, dropout masks, generations) is repeated.
+        """
+        if run_backward is None:
+            run_backward = _plain_backward
+        if not self.clips:
+            run_backward(loss, **kwargs)
+            return
         self._measuring, self._sq_norms = True, {}
         try:
-            run_forward_backward()
+            run_backward(loss, **{**kwargs, "retain_graph": True})
         finally:
             self._measuring = False
+        self._set_clip_coef()
+        try:
+            run_backward(loss, **kwargs)
+        finally:
+            self._clip_coef = None
+
+    def _set_clip_coef(self) -> None:
         # the same reduction as torch.nn.utils.clip_grad_norm_: norm of the per-tensor norms, in param order
         norms = [
             self._sq_norms[g["param_name"]] for g in self.param_groups if g["param_name"] in self._sq_norms
@@ -191,6 +216,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         total = _total_norm(norms)
         self._clip_coef = torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0)
         self.last_grad_norm = float(total)
+
+    def run_training_step(self, run_forward_backward: Callable[[], torch.Tensor], sync: bool) -> torch.Tensor:
+        """Run a whole forward/backward once, or twice when clipping (norm pass, then update pass).
+
+        For callers that cannot reach the backward call itself (the trainer uses :meth:`backward`, which
+        runs the forward once); also the path under FSDP, whose hooks expect one backward per forward.
+        The second run restores the RNG state of the first, so both draw the same dropout masks.
+        """
+        self.begin_step(sync)
+        if not self.clips:
+            return run_forward_backward()
+        rng = _rng_state()
+        self._measuring, self._sq_norms = True, {}
+        try:
+            run_forward_backward()
+        finally:
+            self._measuring = False
+        self._set_clip_coef()
         _set_rng_state(rng)
         try:
             return run_forward_backward()
@@ -261,6 +304,10 @@ def build_layerwise(
         opt = spec.factory(replace(ctx, parameters=[(name, p)], layerwise=True))
         per_param.append((name, p, opt))
     return LayerwiseOptimizer(per_param, max_grad_norm=max_grad_norm, average_gradient=average_gradient)
+
+
+def _plain_backward(loss: torch.Tensor, **kwargs: Any) -> None:
+    loss.backward(**kwargs)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -157,12 +157,18 @@ class OptiTrainerMixin:
         resolved = self._opti_choice.resolved
         if resolved.layerwise:
             engine: LayerwiseOptimizer = self._opti_optimizer
+
+            def step() -> torch.Tensor:
+                return super(OptiTrainerMixin, self).training_step(model, inputs, num_items_in_batch)
+
             # the hooks average each gradient themselves (DDP's reducer would run after they stepped)
             with without_ddp_reduction(model):
-                loss = engine.run_training_step(
-                    lambda: super(OptiTrainerMixin, self).training_step(model, inputs, num_items_in_batch),
-                    sync=self.accelerator.sync_gradients,
-                )
+                if self.opti_engine.kind == "fsdp":  # FSDP's hooks expect one backward per forward
+                    loss = engine.run_training_step(step, sync=self.accelerator.sync_gradients)
+                else:
+                    engine.begin_step(sync=self.accelerator.sync_gradients)
+                    with self._backward_replaced_by(engine.backward):
+                        loss = step()
             if self.accelerator.sync_gradients:
                 self._opti_grad_norm = engine.last_grad_norm
             return loss
@@ -172,11 +178,21 @@ class OptiTrainerMixin:
         return super().training_step(model, inputs, num_items_in_batch)
 
     @contextlib.contextmanager
+    def _backward_replaced_by(self, backward) -> Iterator[None]:
+        """Route the stock ``accelerator.backward(loss, **kw)`` to ``backward(loss, accelerator_backward, **kw)``."""
+        accelerator_backward = self.accelerator.backward
+        self.accelerator.backward = lambda loss, **kw: backward(loss, accelerator_backward, **kw)
+        try:
+            yield
+        finally:
+            del self.accelerator.backward  # back to the class's method
+
+    @contextlib.contextmanager
     def _plugin_backward(self, model) -> Iterator[None]:
         """Route the stock ``accelerator.backward`` call to the plugin's fused backward+update."""
         spec = self._opti_choice.resolved.spec
 
-        def fused_backward(loss: torch.Tensor, **_: Any) -> None:
+        def fused_backward(loss: torch.Tensor, accelerator_backward: Any, **_: Any) -> None:
             self._opti_grad_norm = spec.backward(
                 BackwardContext(
                     optimizer=self._opti_optimizer,
@@ -189,11 +205,8 @@ class OptiTrainerMixin:
                 )
             )
 
-        self.accelerator.backward = fused_backward
-        try:
+        with self._backward_replaced_by(fused_backward):
             yield
-        finally:
-            del self.accelerator.backward  # back to the class's method
 
     def _clip_grad_norm(self, model):
         if self._opti_manages_gradients:

@@ -144,6 +144,35 @@ def test_layerwise_clipping_is_exact_and_logs_the_real_norm(tmp_path):
     assert_same_run(lw, std, atol=1e-6)
 
 
+def test_layerwise_clipping_runs_the_training_step_once_per_micro_batch(tmp_path):
+    """The norm pass and the update pass share the step's graph: forward, loss and counters run once.
+
+    (TRL's trainers count tokens, buffer and generate inside ``training_step``/``compute_loss``.)
+    With dropout on, the standard form and the layerwise form still see the same masks.
+    """
+    calls = []
+
+    class CountingTrainer(OptiTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            calls.append(int(inputs["input_ids"][0, 0]))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    kw = {"steps": 6, "max_grad_norm": 0.5, "learning_rate": 5e-3}
+    dropout = {"attention_dropout": 0.2}
+    std = run_training("adamw_torch", tmp_path / "std", model=tiny_llama(**dropout), **kw)
+    lw = run_training(
+        "adamw_torch_layerwise",
+        tmp_path / "lw",
+        model=tiny_llama(**dropout),
+        trainer_cls=CountingTrainer,
+        **kw,
+    )
+    assert len(calls) == 6, f"compute_loss ran {len(calls)} times for 6 micro-batches"
+    assert len(set(calls)) > 1  # different batches, each seen once
+    assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(lw, std, atol=1e-6)
+
+
 def test_layerwise_keeps_at_most_one_gradient_alive(tmp_path):
     model = tiny_llama()
     trainer = OptiTrainer(
