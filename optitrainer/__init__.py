@@ -12,6 +12,7 @@ Plugin authors use :mod:`optitrainer.plugin`; :mod:`optitrainer.testing` checks 
 
 from .arguments import OptiArgumentsMixin, OptimizerChoice, OptiTrainingArguments, with_optitrainer
 from .errors import (
+    EngineNotInstalledError,
     IncompatibleConfigError,
     InvalidOptimArgsError,
     LaunchError,
@@ -26,6 +27,7 @@ from .trainer import OptiTrainer, OptiTrainerMixin
 __version__ = "0.1.0"
 
 __all__ = [
+    "EngineNotInstalledError",
     "IncompatibleConfigError",
     "InvalidOptimArgsError",
     "LaunchError",

@@ -11,6 +11,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .compat import check_arguments
+from .engine import deepspeed_missing
+from .errors import EngineNotInstalledError
 from .options import parse_optim_args
 from .registry import REGISTRY, ResolvedOptimizer
 
@@ -82,6 +84,9 @@ class OptiArgumentsMixin:
     )
 
     def __post_init__(self) -> None:
+        missing = deepspeed_missing(getattr(self, "deepspeed", None))
+        if missing is not None:
+            raise EngineNotInstalledError(missing)
         requested = str(getattr(self.optim, "value", self.optim))
         self.optim = _ENUM_PLACEHOLDER  # transformers converts optim to its closed enum here
         super().__post_init__()

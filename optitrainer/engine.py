@@ -15,7 +15,13 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Engine", "engine_from_accelerator", "engine_from_arguments", "launch_problem"]
+__all__ = [
+    "Engine",
+    "deepspeed_missing",
+    "engine_from_accelerator",
+    "engine_from_arguments",
+    "launch_problem",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,29 @@ def _zero_stage_of(config: Any) -> int | None:
         stage = config.get("zero_optimization", {}).get("stage", 0)
         return int(stage) if str(stage).isdigit() else None
     return None
+
+
+def deepspeed_missing(deepspeed_config: Any) -> str | None:
+    """Why ``deepspeed=`` cannot work (the package is not installed), or ``None``.
+
+    Without the package transformers fails with an unrelated ``TypeError`` (its DeepSpeed config class
+    falls back to ``object``); this says what is missing and how to install it.
+    """
+    import importlib.util
+
+    try:
+        installed = importlib.util.find_spec("deepspeed") is not None
+    except (ImportError, ValueError):
+        installed = False
+    if installed or not deepspeed_config:
+        return None
+    stage = _zero_stage_of(deepspeed_config)
+    engine = Engine("deepspeed", zero_stage=stage)
+    return (
+        f"deepspeed={deepspeed_config!r} asks for {engine}, but the deepspeed package is not installed: "
+        "pip install 'optitrainer[deepspeed]' (DeepSpeed 0.19.x, the version optitrainer's ZeRO tests verified), "
+        "or remove deepspeed= to train with DDP"
+    )
 
 
 def engine_from_arguments(args: Any) -> Engine:

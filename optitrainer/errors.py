@@ -19,6 +19,10 @@ class InvalidOptimArgsError(OptiTrainerError, ValueError):
     """An ``optim_args`` key is unknown, or its value has the wrong type or range."""
 
 
+class EngineNotInstalledError(OptiTrainerError, ImportError):
+    """The arguments ask for a distributed engine (DeepSpeed) whose package is not installed."""
+
+
 class IncompatibleConfigError(OptiTrainerError, ValueError):
     """The optimizer cannot run truthfully with these training arguments (all conflicts listed)."""
 

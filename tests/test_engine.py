@@ -87,3 +87,17 @@ def test_a_plugin_that_says_nothing_claims_ddp_only():
     assert Capabilities(distributed=frozenset({"deepspeed"})).engines == {"zero0", "zero1", "zero2", "zero3"}
     with pytest.raises(ValueError, match="unknown engine"):
         Capabilities(distributed=frozenset({"zero4"}))
+
+
+def test_deepspeed_not_installed_says_what_to_install(monkeypatch):
+    """Without the package transformers fails with "object.__init__() takes exactly one argument"."""
+    import sys
+
+    from optitrainer import EngineNotInstalledError
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without deepspeed looks like
+    with pytest.raises(
+        EngineNotInstalledError,
+        match=r"asks for DeepSpeed ZeRO-3, but the deepspeed package is not installed: pip install 'optitrainer\[deepspeed\]'",
+    ):
+        args(optim="adamw_torch", deepspeed=ZERO3)
