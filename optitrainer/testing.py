@@ -191,6 +191,9 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
     """Every registered optimizer (or ``names``), plus its ``_layerwise`` form where it has one."""
     from .registry import LAYERWISE_SUFFIX, REGISTRY, is_installed
 
+    if names is not None:
+        for name in names:  # a typo must fail, not check nothing: UnknownOptimizerError with suggestions
+            REGISTRY.resolve(name, check_installed=False)
     cases = []
     for info in REGISTRY.list():
         if names is not None and info.name not in names:

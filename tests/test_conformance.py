@@ -45,3 +45,11 @@ def test_unsupported_combinations_are_refused(case):
 def test_every_seed_plugin_is_covered():
     names = {c.optim for c in CASES}
     assert {"adamw_torch", "sgd", "muon", "adamw_torch_layerwise"} <= names
+
+
+def test_a_misspelled_name_fails_instead_of_checking_nothing():
+    from optitrainer import UnknownOptimizerError
+
+    with pytest.raises(UnknownOptimizerError, match="adamw_torch"):
+        conformance_cases(["adamw_troch"])
+    assert [c.optim for c in conformance_cases(["sgd"])] == ["sgd", "sgd_layerwise"]
