@@ -8,17 +8,14 @@ process that trains on the global batch, up to the reordering of float sums.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import torchrun  # the repository's launcher (tests/ is on pytest's pythonpath)
 from optitrainer_lomo.optim import AdaLomo, Lomo
 
 from optitrainer.testing import max_param_diff, run_training, tiny_llama
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "tests"))
-from launch import torchrun  # noqa: E402  (the repository's launcher: free port, time limit, no leftovers)
 
 SCRIPT = Path(__file__).with_name("dist_lomo.py")
 LR = {"lomo": 0.3, "adalomo": 0.1}
@@ -35,14 +32,6 @@ def case_name(optim: str, clip: float) -> str:
 
 def train_args(optim: str, clip: float) -> dict:
     return {"learning_rate": LR[optim], "lr_scheduler_type": "linear", "max_grad_norm": clip}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
