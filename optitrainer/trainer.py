@@ -125,6 +125,13 @@ class OptiTrainerMixin:
                 self.add_callback(callback)
         return self.optimizer
 
+    def _factory_optimizer(self) -> torch.optim.Optimizer:
+        """An optimizer the plugin's factory built: in layerwise mode, the first parameter's."""
+        optimizer = self._opti_optimizer
+        if isinstance(optimizer, LayerwiseOptimizer):
+            return next(iter(optimizer.inner.values()))
+        return optimizer
+
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         spec = self._opti_choice.resolved.spec if self._opti_choice else None
         if (
@@ -133,7 +140,7 @@ class OptiTrainerMixin:
             and self._opti_optimizer is not None
             and "loss" in logs
         ):
-            logs.update(spec.log_values(self._opti_optimizer))
+            logs.update(spec.log_values(self._factory_optimizer()))
         super().log(logs, *args, **kwargs)
 
     # -- the training step -------------------------------------------------------------------------
