@@ -10,7 +10,8 @@ For people who train::
 Plugin authors use :mod:`optitrainer.plugin`; :mod:`optitrainer.testing` checks a plugin.
 """
 
-from .arguments import OptiArgumentsMixin, OptimizerChoice, OptiTrainingArguments, with_optitrainer
+from typing import TYPE_CHECKING
+
 from .errors import (
     EngineNotInstalledError,
     IncompatibleConfigError,
@@ -22,7 +23,36 @@ from .errors import (
     UnknownOptimizerError,
 )
 from .registry import OptimizerInfo, Provenance, ResolvedOptimizer, get_optimizer, list_optimizers, register
-from .trainer import OptiTrainer, OptiTrainerMixin
+
+if TYPE_CHECKING:
+    from .arguments import OptiArgumentsMixin, OptimizerChoice, OptiTrainingArguments, with_optitrainer
+    from .trainer import OptiTrainer, OptiTrainerMixin
+
+# torch and transformers load on first use of the trainer side, so that listing plugins
+# (`optitrainer list`, `import optitrainer.plugin`) stays cheap
+_LAZY = {
+    "OptiArgumentsMixin": "arguments",
+    "OptimizerChoice": "arguments",
+    "OptiTrainingArguments": "arguments",
+    "with_optitrainer": "arguments",
+    "OptiTrainer": "trainer",
+    "OptiTrainerMixin": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .compat import check_arguments
+from .compat import check_arguments, learning_rate_warning
 from .engine import deepspeed_missing
 from .errors import EngineNotInstalledError
 from .options import parse_optim_args
@@ -55,7 +55,10 @@ def choose_optimizer(args: Any) -> OptimizerChoice:
     else:
         options = parse_optim_args(resolved.spec, args.optim_args)
     choice = OptimizerChoice(resolved, options)
-    check_arguments(choice.resolved, args)
+    check_arguments(choice.resolved, args, options=options)
+    warning = learning_rate_warning(resolved, getattr(args, "learning_rate", None))
+    if warning is not None:
+        logger.warning("optitrainer: %s", warning)
     # kept beside the arguments, not on them: arguments get pickled into checkpoints
     args_id = id(args)
     _CHOICES[args_id] = (weakref.ref(args, lambda _: _CHOICES.pop(args_id, None)), key, choice)

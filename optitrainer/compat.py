@@ -9,6 +9,7 @@ from typing import Any
 
 from .engine import Engine, engine_from_arguments
 from .errors import IncompatibleConfigError
+from .options import parse_optim_args
 from .plugin import ENGINE_MODES
 from .registry import ResolvedOptimizer
 
@@ -72,11 +73,17 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def argument_conflicts(resolved: ResolvedOptimizer, args: Any, engine: Engine | None = None) -> list[str]:
-    """Every conflict of ``resolved`` with the training setup.
+def argument_conflicts(
+    resolved: ResolvedOptimizer,
+    args: Any,
+    engine: Engine | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[str]:
+    """Every conflict of ``resolved`` with the training setup, the plugin's own argument checks included.
 
     ``engine`` is the distributed engine that runs (the trainer passes the accelerator's); by default
-    the one the arguments and the environment ask for.
+    the one the arguments and the environment ask for. ``options`` are the parsed ``optim_args``
+    (parsed from ``args`` when not given).
     """
     caps = resolved.spec.capabilities
     name = resolved.name
@@ -114,11 +121,37 @@ def argument_conflicts(resolved: ResolvedOptimizer, args: Any, engine: Engine | 
             f"max_grad_norm={clip} with gradient_accumulation_steps={ga}: layerwise clipping needs the whole "
             "gradient before the first update; set max_grad_norm=0 or gradient_accumulation_steps=1"
         )
+    validate_arguments = resolved.spec.validate_arguments
+    if validate_arguments is not None and not resolved.is_transformers_fallback:
+        if options is None:
+            options = parse_optim_args(resolved.spec, getattr(args, "optim_args", None))
+        out.extend(validate_arguments(args, options))
     return out
 
 
-def check_arguments(resolved: ResolvedOptimizer, args: Any, engine: Engine | None = None) -> None:
-    raise_conflicts(resolved, argument_conflicts(resolved, args, engine))
+def check_arguments(
+    resolved: ResolvedOptimizer,
+    args: Any,
+    engine: Engine | None = None,
+    options: dict[str, Any] | None = None,
+) -> None:
+    raise_conflicts(resolved, argument_conflicts(resolved, args, engine, options))
+
+
+def learning_rate_warning(resolved: ResolvedOptimizer, lr: float) -> str | None:
+    """A warning when ``lr`` is 100 times away from the spec's recommended learning rate, or more."""
+    recommended = resolved.spec.recommended_lr
+    if recommended is None or lr is None or lr <= 0:
+        return None
+    ratio = lr / recommended
+    if 1 / 100 < ratio < 100:
+        return None
+    return (
+        f"optim={resolved.name!r} is meant to run at learning_rate={recommended:g} "
+        f"({resolved.provenance}); learning_rate={lr:g} is {max(ratio, 1 / ratio):.0f} times "
+        f"{'larger' if ratio > 1 else 'smaller'}. Set learning_rate={recommended:g} unless you know "
+        "this is what you want."
+    )
 
 
 def raise_conflicts(resolved: ResolvedOptimizer, conflicts: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -29,7 +30,7 @@ def split_optim_args(raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
     if not text:
         return {}
     out: dict[str, Any] = {}
-    for pair in _PAIR_SPLIT.split(text):
+    for pair in _split_pairs(text):
         key, sep, value = pair.partition("=")
         key, value = key.strip(), value.strip()
         if not sep or not key:
@@ -43,6 +44,21 @@ def split_optim_args(raw: str | Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _split_pairs(text: str) -> list[str]:
+    """Split at the commas that are outside quotes and start a new ``key=``."""
+    pairs, start, quote = [], 0, None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "," and _PAIR_SPLIT.match(text, i):
+            pairs.append(text[start:i])
+            start = i + 1
+    pairs.append(text[start:])
+    return pairs
+
+
 def _convert(opt: Option, value: Any, optimizer: str) -> Any:
     def fail(expected: str) -> InvalidOptimArgsError:
         return InvalidOptimArgsError(
@@ -51,8 +67,10 @@ def _convert(opt: Option, value: Any, optimizer: str) -> Any:
             + f". Example: optim_args='{opt.name}={_example(opt)}'"
         )
 
-    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
-        if opt.default is None:
+    if isinstance(value, str):
+        value = _unquote(value.strip())
+    if value is None or (isinstance(value, str) and value.lower() == "none"):
+        if opt.accepts_none:
             return None
         raise fail(opt.describe_type())
 
@@ -79,19 +97,19 @@ def _convert(opt: Option, value: Any, optimizer: str) -> Any:
         elif t is float:
             if isinstance(value, bool):
                 raise ValueError
-            out = float(value)
+            out = _finite(float(value))
         elif t is tuple:
             if isinstance(value, str):
-                parts = [p for p in re.split(r"[,:\s]+", value.strip().strip("()[]")) if p]
+                parts = [p for p in re.split(r"[,:\s]+", value.strip("()[] ")) if p]
             else:
                 parts = list(value)
-            out = tuple(float(p) for p in parts)
-            if opt.default is not None and len(out) != len(opt.default):
+            out = tuple(_element(opt.element, p) for p in parts)
+            if opt.tuple_length is not None and len(out) != opt.tuple_length:
                 raise ValueError
         elif t is str:
             if not isinstance(value, str):
                 raise ValueError
-            out = value.strip()
+            out = value
         else:
             out = t(value)
     except (TypeError, ValueError):
@@ -99,17 +117,51 @@ def _convert(opt: Option, value: Any, optimizer: str) -> Any:
 
     if opt.choices is not None and out not in opt.choices:
         raise fail("one of " + ", ".join(repr(c) for c in opt.choices))
-    if isinstance(out, (int, float)) and not isinstance(out, bool):
-        if (opt.low is not None and out < opt.low) or (opt.high is not None and out > opt.high):
+    numbers = out if isinstance(out, tuple) else (out,)
+    for x in numbers:
+        if isinstance(x, (int, float)) and not isinstance(x, bool) and not _in_bounds(opt, x):
             raise fail(opt.describe_type())
     return out
+
+
+def _unquote(text: str) -> str:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _finite(x: float) -> float:
+    if math.isnan(x) or math.isinf(x):
+        raise ValueError
+    return x
+
+
+def _element(kind: type, item: Any) -> float | int:
+    if isinstance(item, bool):
+        raise ValueError
+    if kind is int:
+        if isinstance(item, float):
+            if not item.is_integer():
+                raise ValueError
+            return int(item)
+        return int(str(item).strip())
+    return _finite(float(item))
+
+
+def _in_bounds(opt: Option, x: float) -> bool:
+    if opt.low is not None and (x <= opt.low if opt.low_exclusive else x < opt.low):
+        return False
+    if opt.high is not None and (x >= opt.high if opt.high_exclusive else x > opt.high):
+        return False
+    return True
 
 
 def _example(opt: Option) -> str:
     if opt.choices:
         return str(opt.choices[0])
-    if opt.type is tuple and opt.default is not None:
-        return "(" + ",".join(f"{x:g}" for x in opt.default) + ")"
+    if opt.type is tuple:
+        items = opt.default if opt.default is not None else (1,) * (opt.tuple_length or 2)
+        return "(" + ",".join(f"{x:g}" for x in items) + ")"
     return str(opt.default)
 
 

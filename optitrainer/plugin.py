@@ -20,6 +20,10 @@ A plugin is a module-level :class:`OptimizerSpec` referenced from an entry point
         options=(Option("beta", float, 0.9, "the twist"),),
     )
 
+One entry point may also point to a list or tuple of specs (or a function returning one): a
+distribution with many names then needs one line, ``my_plugin = "my_plugin:SPECS"``, and the entry
+point's own name is free.
+
 The built-in optimizers of the core use nothing but this module.
 """
 
@@ -66,10 +70,12 @@ def expand_engines(modes: frozenset[str] | set[str] | tuple[str, ...]) -> frozen
 class Option:
     """One typed key of ``optim_args``.
 
-    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``tuple`` (a tuple of floats such as betas,
-    written ``betas=(0.9,0.99)`` or ``betas=0.9:0.99`` in the string form). ``default=None`` makes the
-    option optional (``none`` in the string form). ``choices`` restricts the accepted values;
-    ``low``/``high`` bound numbers (inclusive).
+    ``type`` is ``bool``, ``int``, ``float``, ``str`` or ``tuple`` (written ``betas=(0.9,0.99)`` or
+    ``betas=0.9:0.99`` in the string form; its items are ``element``, float by default, and there are
+    ``length`` of them when given, else as many as in ``default``). ``default=None`` makes the option
+    optional (``none`` in the string form); ``nullable=True`` also accepts ``None`` when the default is
+    not ``None``. ``choices`` restricts the accepted values; ``low``/``high`` bound numbers, inclusive
+    unless ``low_exclusive``/``high_exclusive``. Floats must be finite.
     """
 
     name: str
@@ -79,17 +85,42 @@ class Option:
     choices: tuple[Any, ...] | None = None
     low: float | None = None
     high: float | None = None
+    nullable: bool = False
+    low_exclusive: bool = False
+    high_exclusive: bool = False
+    length: int | None = None
+    element: type = float
+
+    def __post_init__(self) -> None:
+        if self.type is tuple and self.element not in (float, int):
+            raise ValueError(f"option {self.name!r}: tuple elements must be float or int, not {self.element}")
+
+    @property
+    def accepts_none(self) -> bool:
+        return self.default is None or self.nullable
+
+    @property
+    def tuple_length(self) -> int | None:
+        """How many items a tuple option takes (``length``, else ``len(default)``), ``None`` for any."""
+        if self.length is not None:
+            return self.length
+        return len(self.default) if isinstance(self.default, (tuple, list)) else None
 
     def describe_type(self) -> str:
-        text = self.type.__name__
+        text = "finite float" if self.type is float else self.type.__name__
+        if self.type is tuple:
+            n = self.tuple_length
+            text = f"tuple of {n if n is not None else 'any number of'} {self.element.__name__}"
         if self.choices:
             text = " | ".join(repr(c) for c in self.choices)
-        if self.default is None:
+        if self.accepts_none:
             text += " | None"
         if self.low is not None or self.high is not None:
             lo = "-inf" if self.low is None else f"{self.low:g}"
             hi = "inf" if self.high is None else f"{self.high:g}"
-            text += f" in [{lo}, {hi}]"
+            left = "(" if self.low_exclusive or self.low is None else "["
+            right = ")" if self.high_exclusive or self.high is None else "]"
+            text += f" in {left}{lo}, {hi}{right}"
         return text
 
 
@@ -106,9 +137,11 @@ class Capabilities:
         train_eval_modes: the optimizer has ``train()``/``eval()`` that change the model's weights
             (schedule-free); the trainer switches them around evaluation and weight saving, and reads
             the current mode from ``param_groups[0]["train_mode"]`` (the ``schedulefree`` convention).
-        gradient_accumulation: gradient accumulation > 1 gives correct updates.
+        gradient_accumulation: gradient accumulation > 1 gives correct updates. Left unset: claimed,
+            except by ``owns_backward`` plugins (the trainer accumulates before ``step()``).
         gradient_clipping: ``max_grad_norm > 0`` is honoured truthfully.
-        fp16: works with ``fp16=True`` loss scaling.
+        fp16: works with ``fp16=True`` loss scaling. Left unset: claimed, except by ``owns_backward``
+            plugins (the trainer unscales the gradients before ``step()``).
         distributed: the distributed engines it trains correctly under: keys of :data:`ENGINE_MODES`
             (``"ddp"``, ``"zero1"``…, ``"fsdp2"``) or the umbrellas ``"deepspeed"`` (every ZeRO stage) and
             ``"fsdp"`` (both versions). Left unset, it claims DDP only (every rank holds whole parameters
@@ -127,14 +160,19 @@ class Capabilities:
     owns_backward: bool = False
     needs_target_modules: bool = False
     train_eval_modes: bool = False
-    gradient_accumulation: bool = True
+    gradient_accumulation: bool | None = None
     gradient_clipping: bool = True
-    fp16: bool = True
+    fp16: bool | None = None
     distributed: frozenset[str] | None = None
     distributed_note: str = ""
     requires_cuda: bool = False
 
     def __post_init__(self) -> None:
+        # the trainer makes accumulation and loss scaling transparent to an optimizer's step(); a
+        # fused-backward plugin updates inside backward, so it claims them only by declaring them
+        for flag in ("gradient_accumulation", "fp16"):
+            if getattr(self, flag) is None:
+                object.__setattr__(self, flag, not self.owns_backward)
         if self.distributed is None:
             return
         modes = frozenset(self.distributed)
@@ -284,8 +322,15 @@ class OptimizerSpec:
         callbacks: ``callbacks(optimizer) -> list[TrainerCallback]`` added to the trainer once the
             optimizer is built (e.g. to feed it training/evaluation losses).
         log_values: ``log_values(optimizer) -> dict[str, float]`` merged into every training log
-            (e.g. the learning rate an optimizer really applied).
+            (e.g. the learning rate an optimizer really applied). ``optimizer`` is what ``factory``
+            built; in layerwise mode, the first parameter's optimizer.
         docs: a longer description (markdown) for ``optitrainer info``.
+        recommended_lr: the learning rate the method is meant to run at (e.g. 1.0 for Prodigy and
+            D-Adaptation). The conformance kit trains at it, ``optitrainer info`` shows it, and the
+            trainer warns when ``learning_rate`` is 100 times away from it or more.
+        validate_arguments: ``validate_arguments(args, options) -> list[str]``: problems that need no
+            model (e.g. a learning rate that makes the method a no-op), found when the training
+            arguments are built and reported with the other conflicts.
     """
 
     name: str
@@ -302,12 +347,20 @@ class OptimizerSpec:
     callbacks: Callable[[torch.optim.Optimizer], list[Any]] | None = None
     log_values: Callable[[torch.optim.Optimizer], dict[str, float]] | None = None
     docs: str = ""
+    recommended_lr: float | None = None
+    validate_arguments: Callable[[TrainingArguments, dict[str, Any]], list[str]] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
             raise ValueError(f"optimizer name {self.name!r} must be lower_snake_case")
         if self.capabilities.owns_backward and self.backward is None:
             raise ValueError(f"{self.name!r} declares owns_backward but gives no backward function")
+        if self.recommended_lr is not None and not (
+            isinstance(self.recommended_lr, (int, float)) and 0 < self.recommended_lr < float("inf")
+        ):
+            raise ValueError(
+                f"{self.name!r}: recommended_lr must be a positive number, got {self.recommended_lr!r}"
+            )
         seen = set()
         for opt in self.options:
             if opt.name in seen:

@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .errors import OptimizerNotInstalledError, PluginLoadError, UnknownOptimizerError
-from .plugin import OptimizerSpec
+from .plugin import ENGINE_MODES, OptimizerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -72,49 +72,96 @@ class ResolvedOptimizer:
 
 @dataclass
 class _Entry:
+    """One entry point: a spec, or a sequence of specs (one entry point, many names)."""
+
     name: str
     provenance: Provenance
     entry_point: importlib.metadata.EntryPoint | None = None
-    spec: OptimizerSpec | None = None
+    specs: list[OptimizerSpec] | None = None
     error: str | None = None
-    rivals: list[Provenance] = field(default_factory=list)
 
-    def load(self) -> OptimizerSpec:
-        if self.rivals:
-            who = ", ".join(str(p) for p in [self.provenance, *self.rivals])
-            raise PluginLoadError(
-                f"optimizer {self.name!r} is registered by more than one distribution ({who}); "
-                f"uninstall all but one of them (pip uninstall ...)"
-            )
-        if self.spec is None and self.error is None:
+    @property
+    def where(self) -> str:
+        return self.entry_point.value if self.entry_point else "?"
+
+    def load(self) -> list[OptimizerSpec]:
+        """The specs this entry point provides; ``[]`` when it failed to load (see :attr:`error`)."""
+        if self.specs is None and self.error is None:
             try:
-                obj = self.entry_point.load()
-                spec = obj() if callable(obj) and not isinstance(obj, OptimizerSpec) else obj
-                if not isinstance(spec, OptimizerSpec):
-                    raise TypeError(
-                        f"{self.entry_point.value} is a {type(spec).__name__}, not an OptimizerSpec"
-                    )
-                if spec.name.endswith(LAYERWISE_SUFFIX):
-                    raise ValueError(
-                        f"{spec.name!r}: '_layerwise' is a mode, not a name; declare Capabilities(layerwise=True)"
-                    )
-                if spec.name != self.name:
-                    raise ValueError(
-                        f"entry point {self.name!r} points to a spec named {spec.name!r}; the names must match"
-                    )
-                self.spec = spec
+                self.specs = self._load()
             except Exception as exc:  # a broken plugin must not break the others
                 self.error = f"{type(exc).__name__}: {exc}"
                 logger.warning(
                     "optitrainer plugin %r from %s failed to load: %s", self.name, self.provenance, exc
                 )
-        if self.error is not None:
-            raise PluginLoadError(
-                f"the plugin providing {self.name!r} ({self.provenance}, entry point "
-                f"{self.entry_point.value if self.entry_point else '?'}) failed to load: {self.error}. "
-                f"Reinstall or upgrade {self.provenance.distribution}."
+        return self.specs or []
+
+    def _load(self) -> list[OptimizerSpec]:
+        obj = self.entry_point.load()
+        if callable(obj) and not isinstance(obj, OptimizerSpec):
+            obj = obj()
+        many = isinstance(obj, (list, tuple))
+        specs = list(obj) if many else [obj]
+        for spec in specs:
+            if not isinstance(spec, OptimizerSpec):
+                raise TypeError(f"{self.where} holds a {type(spec).__name__}, not an OptimizerSpec")
+            if spec.name.endswith(LAYERWISE_SUFFIX):
+                raise ValueError(
+                    f"{spec.name!r}: '_layerwise' is a mode, not a name; declare Capabilities(layerwise=True)"
+                )
+        if not many and specs[0].name != self.name:
+            raise ValueError(
+                f"entry point {self.name!r} points to a spec named {specs[0].name!r}; the names must match "
+                "(or point the entry point to a list of specs)"
             )
-        return self.spec
+        return specs
+
+    def failure(self) -> PluginLoadError:
+        return PluginLoadError(
+            f"the plugin providing {self.name!r} ({self.provenance}, entry point {self.where}) failed to "
+            f"load: {self.error}. Reinstall or upgrade {self.provenance.distribution}."
+        )
+
+
+@dataclass
+class _Index:
+    """Every name and alias of the installed plugins, with what went wrong while reading them."""
+
+    specs: dict[str, tuple[OptimizerSpec, Provenance]] = field(default_factory=dict)
+    #: names registered by more than one distribution
+    rivals: dict[str, list[Provenance]] = field(default_factory=dict)
+    #: entry points that failed to load, by entry-point name
+    broken: dict[str, _Entry] = field(default_factory=dict)
+    #: alias -> the canonical names (with distribution) that claim it
+    aliases: dict[str, list[tuple[str, Provenance]]] = field(default_factory=dict)
+
+    def add(self, spec: OptimizerSpec, prov: Provenance) -> None:
+        held = self.specs.get(spec.name)
+        if held is None:
+            self.specs[spec.name] = (spec, prov)
+        elif held[0] is not spec:
+            self.rivals.setdefault(spec.name, [held[1]]).append(prov)
+        for alias in spec.aliases:
+            claims = self.aliases.setdefault(alias, [])
+            if (spec.name, prov) not in claims:
+                claims.append((spec.name, prov))
+
+    def alias_problems(self) -> dict[str, str]:
+        """Aliases that name another optimizer or are claimed twice, each with a sentence saying so."""
+        out = {}
+        for alias, claims in self.aliases.items():
+            owners = [f"{name!r} ({prov})" for name, prov in claims]
+            if alias in self.specs:
+                out[alias] = (
+                    f"the alias {alias!r} of {', '.join(owners)} is also the name of the optimizer from "
+                    f"{self.specs[alias][1]}; optim={alias!r} means that optimizer. Rename the alias."
+                )
+            elif len({name for name, _ in claims}) > 1:
+                out[alias] = (
+                    f"the alias {alias!r} is claimed by {' and '.join(owners)}; use a canonical name, "
+                    "or uninstall one of the distributions."
+                )
+        return out
 
 
 @dataclass(frozen=True)
@@ -129,6 +176,11 @@ class OptimizerInfo:
     requires: tuple[str, ...]
     installed: bool
     error: str | None = None
+    recommended_lr: float | None = None
+    #: "standard", and "layerwise" when ``<name>_layerwise`` runs
+    modes: tuple[str, ...] = ("standard",)
+    #: the distributed engines (:data:`~optitrainer.plugin.ENGINE_MODES`) it claims
+    engines: tuple[str, ...] = ()
 
 
 class Registry:
@@ -136,35 +188,61 @@ class Registry:
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] | None = None
+        self._entries: list[_Entry] | None = None
+        self._index_cache: _Index | None = None
         self._in_process: dict[str, OptimizerSpec] = {}
 
     # discovery -------------------------------------------------------------------------------
-    def _discover(self) -> dict[str, _Entry]:
+    def _discover(self) -> list[_Entry]:
         with self._lock:
             if self._entries is not None:
                 return self._entries
             autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes")
-            entries: dict[str, _Entry] = {}
+            entries: list[_Entry] = []
+            seen: set[tuple[str, str]] = set()
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 dist = getattr(ep, "dist", None)
                 dist_name = dist.metadata["Name"] if dist is not None else "<unknown>"
                 if not autoload and _normalize(dist_name) != CORE_DISTRIBUTION:
                     continue
-                prov = Provenance(dist_name, dist.version if dist is not None else None)
-                existing = entries.get(ep.name)
-                if existing is None:
-                    entries[ep.name] = _Entry(ep.name, prov, ep)
-                elif _normalize(existing.provenance.distribution) != _normalize(dist_name):
-                    existing.rivals.append(prov)
+                key = (_normalize(dist_name), ep.name)
+                if key in seen:  # the same distribution seen twice on sys.path
+                    continue
+                seen.add(key)
+                entries.append(_Entry(ep.name, Provenance(dist_name, dist.version if dist else None), ep))
             self._entries = entries
             return entries
+
+    def _index(self) -> _Index:
+        """Load every spec module (cheap: they import no upstream package) and index names and aliases."""
+        with self._lock:
+            if self._index_cache is None:
+                index = _Index()
+                for entry in self._discover():
+                    specs = entry.load()
+                    if entry.error is not None:
+                        index.broken[entry.name] = entry
+                    for spec in specs:
+                        index.add(spec, entry.provenance)
+                for problem in index.alias_problems().values():
+                    logger.warning("optitrainer: %s", problem)
+                self._index_cache = index
+            return self._index_cache
 
     def refresh(self) -> None:
         """Forget discovered plugins (e.g. after ``pip install`` in the same process)."""
         with self._lock:
             self._entries = None
+            self._index_cache = None
             importlib.invalidate_caches()
+
+    def problems(self) -> list[str]:
+        """What is wrong with the installed plugins: failed loads, names and aliases claimed twice."""
+        index = self._index()
+        out = [entry.failure().args[0] for entry in index.broken.values()]
+        out += [_rivals_message(name, provs) for name, provs in index.rivals.items()]
+        out += list(index.alias_problems().values())
+        return out
 
     # in-process registration ---------------------------------------------------------------------
     def register(self, spec: OptimizerSpec, *, replace: bool = False) -> OptimizerSpec:
@@ -172,7 +250,7 @@ class Registry:
         if not isinstance(spec, OptimizerSpec):
             raise TypeError(f"register() takes an OptimizerSpec, got {type(spec).__name__}")
         with self._lock:
-            if not replace and (spec.name in self._in_process or spec.name in self._discover()):
+            if not replace and (spec.name in self._in_process or spec.name in self._index().specs):
                 raise PluginLoadError(
                     f"optimizer {spec.name!r} is already registered; pass replace=True to override it"
                 )
@@ -184,27 +262,39 @@ class Registry:
             self._in_process.pop(name, None)
 
     # lookup --------------------------------------------------------------------------------------
-    def _load_all(self) -> dict[str, tuple[OptimizerSpec | None, _Entry | None]]:
-        out: dict[str, tuple[OptimizerSpec | None, _Entry | None]] = {}
-        for name, entry in self._discover().items():
-            try:
-                out[name] = (entry.load(), entry)
-            except PluginLoadError:
-                out[name] = (None, entry)
+    def _load_all(self) -> dict[str, tuple[OptimizerSpec | None, Provenance, str | None]]:
+        """name -> (spec or None when it cannot be used, provenance, error)."""
+        index = self._index()
+        out: dict[str, tuple[OptimizerSpec | None, Provenance, str | None]] = {}
+        for name, entry in index.broken.items():
+            out[name] = (None, entry.provenance, entry.error)
+        for name, (spec, prov) in index.specs.items():
+            if name in index.rivals:
+                out[name] = (None, prov, _rivals_message(name, index.rivals[name]))
+            else:
+                out[name] = (spec, prov, None)
         for name, spec in self._in_process.items():
-            out[name] = (spec, None)
+            out[name] = (spec, Provenance("<in-process>"), None)
         return out
 
     def _find(self, name: str) -> tuple[OptimizerSpec, Provenance] | None:
         if name in self._in_process:
             return self._in_process[name], Provenance("<in-process>")
-        entries = self._discover()
-        if name in entries:
-            return entries[name].load(), entries[name].provenance
-        # aliases need the specs: load them all (cheap: spec modules import no upstream package)
-        for spec, entry in self._load_all().values():
-            if spec is not None and name in spec.aliases:
-                return spec, entry.provenance if entry else Provenance("<in-process>")
+        index = self._index()
+        if name in index.rivals:
+            raise PluginLoadError(_rivals_message(name, index.rivals[name]))
+        if name in index.specs:
+            return index.specs[name]
+        if name in index.broken:
+            raise index.broken[name].failure()
+        for spec in self._in_process.values():
+            if name in spec.aliases:
+                return spec, Provenance("<in-process>")
+        claims = index.aliases.get(name)
+        if claims:
+            if len({n for n, _ in claims}) > 1:
+                raise PluginLoadError(index.alias_problems()[name])
+            return index.specs[claims[0][0]]
         return None
 
     def resolve(self, requested: str, *, check_installed: bool = True) -> ResolvedOptimizer:
@@ -240,18 +330,18 @@ class Registry:
 
     def layerwise_names(self) -> list[str]:
         return sorted(
-            n for n, (s, _) in self._load_all().items() if s is not None and s.capabilities.layerwise
+            n for n, (s, _, _) in self._load_all().items() if s is not None and s.capabilities.layerwise
         )
 
     def names(self) -> list[str]:
         """Every registered canonical name (plugins that fail to load included)."""
         with self._lock:
-            return sorted(set(self._discover()) | set(self._in_process))
+            return sorted(self._load_all())
 
     def _unknown_message(self, name: str) -> str:
         loaded = self._load_all()
         candidates = set(loaded)
-        for spec, _ in loaded.values():
+        for spec, _, _ in loaded.values():
             if spec is not None:
                 candidates.update(spec.aliases)
         candidates.update(KNOWN_PLUGINS)
@@ -266,7 +356,7 @@ class Registry:
         if close:
             lines.append("Did you mean: " + ", ".join(repr(c) for c in close) + "?")
         lines.append(
-            "Installed: " + ", ".join(sorted(n for n, (s, _) in loaded.items() if s is not None)) + "."
+            "Installed: " + ", ".join(sorted(n for n, (s, _, _) in loaded.items() if s is not None)) + "."
         )
         lines.append(
             "Run `optitrainer list` to see every optimizer; a new one is added by installing a plugin that "
@@ -279,20 +369,34 @@ class Registry:
         """Every registered optimizer, without importing any upstream optimizer package."""
         rows = []
         with self._lock:
-            for name, (spec, entry) in sorted(self._load_all().items()):
-                prov = entry.provenance if entry else Provenance("<in-process>")
+            for name, (spec, prov, error) in sorted(self._load_all().items()):
                 if spec is None:
-                    rows.append(
-                        OptimizerInfo(name, (), "", (), prov, (), False, error=entry.error or "conflict")
-                    )
+                    rows.append(OptimizerInfo(name, (), "", (), prov, (), False, error=error or "conflict"))
                     continue
-                flags = tuple(spec.capabilities.flags())
+                caps = spec.capabilities
                 rows.append(
                     OptimizerInfo(
-                        name, spec.aliases, spec.summary, flags, prov, spec.requires, is_installed(spec)
+                        name,
+                        spec.aliases,
+                        spec.summary,
+                        tuple(caps.flags()),
+                        prov,
+                        spec.requires,
+                        is_installed(spec),
+                        recommended_lr=spec.recommended_lr,
+                        modes=("standard", "layerwise") if caps.layerwise else ("standard",),
+                        engines=tuple(m for m in ENGINE_MODES if m in caps.engines),
                     )
                 )
         return rows
+
+
+def _rivals_message(name: str, provenances: list[Provenance]) -> str:
+    who = ", ".join(str(p) for p in provenances)
+    return (
+        f"optimizer {name!r} is registered by more than one distribution ({who}); "
+        "uninstall all but one of them (pip uninstall ...)"
+    )
 
 
 def _normalize(dist: str) -> str:

@@ -116,11 +116,16 @@ def test_unknown_key_lists_accepted_keys_with_defaults():
     [
         ("rank=sixty", "rank='sixty' is not valid; expected int"),
         ("rank=2.5", "expected int"),
-        ("rank=0", "expected int in [1, inf]"),
-        ("scale=-1", "expected float in [0, inf]"),
+        ("rank=0", "expected int in [1, inf)"),
+        ("scale=-1", "expected finite float in [0, inf)"),
+        ("scale=nan", "scale='nan' is not valid; expected finite float"),
+        ("scale=inf", "expected finite float"),
+        ("max_lr=nan", "expected finite float | None"),
+        ("betas=(0.9,0.99,0.999)", "expected tuple of 2 float"),
         ("kahan_sum=maybe", "expected bool | None"),
         ("proj_type=diagonal", "expected one of 'std', 'reverse_std', 'left', 'right'"),
-        ("betas=(0.9)", "expected tuple"),
+        ("betas=(0.9)", "expected tuple of 2 float"),
+        ("scale=none", "expected finite float in [0, inf)"),
         ("rank", "cannot read 'rank'"),
         ("rank=1, rank=2", "given twice"),
     ],
@@ -247,3 +252,104 @@ def test_set_optimizer_accepts_any_name():
 def test_split_keeps_tuples_together():
     assert split_optim_args("betas=(0.9, 0.99), rank=3") == {"betas": "(0.9, 0.99)", "rank": "3"}
     assert parse_optim_args(TYPED, "betas=0.9:0.95")["betas"] == (0.9, 0.95)
+
+
+EDGE_OPTIONS = OptimizerSpec(
+    name="edge_options_opt",
+    factory=lambda ctx: __import__("torch").optim.SGD(ctx.param_groups(), lr=ctx.lr),
+    summary="options at their edges",
+    options=(
+        Option("d_coef", float, 1.0, "scale of the estimate", low=0.0, low_exclusive=True),
+        Option("beta", float, 0.9, "a coefficient below one", low=0.0, high=1.0, high_exclusive=True),
+        Option("betas", tuple, (0.9, 0.99, 0.999), "three coefficients"),
+        Option("milestones", tuple, None, "two step counts", length=2, element=int),
+        Option("warmup", int, 10, "steps of warmup, or None for none", nullable=True),
+        Option("tag", str, "plain", "a free string"),
+    ),
+)
+
+
+@pytest.fixture
+def edge_spec():
+    register(EDGE_OPTIONS, replace=True)
+    yield EDGE_OPTIONS
+    REGISTRY.unregister(EDGE_OPTIONS.name)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("d_coef=nan", "d_coef='nan' is not valid; expected finite float in (0, inf)"),
+        ("d_coef=0", "expected finite float in (0, inf)"),
+        ("beta=1", "expected finite float in [0, 1)"),
+        ("betas=(0.9,0.99)", "expected tuple of 3 float"),
+        ("milestones=(1.5,2)", "expected tuple of 2 int | None"),
+        ("milestones=(1,2,3)", "expected tuple of 2 int"),
+    ],
+)
+def test_nan_exclusive_bounds_and_tuple_shape_are_refused(edge_spec, raw, expected):
+    with pytest.raises(InvalidOptimArgsError) as err:
+        args(optim="edge_options_opt", optim_args=raw)
+    assert expected in str(err.value)
+
+
+def test_nullable_options_quoted_strings_and_typed_tuples(edge_spec):
+    opts = args(
+        optim="edge_options_opt",
+        optim_args="tag='a, b=c', warmup=none, milestones=(10,20), beta=0.5, d_coef=\"2\"",
+    ).optimizer_choice.options
+    assert opts["tag"] == "a, b=c" and opts["warmup"] is None and opts["milestones"] == (10, 20)
+    assert opts["beta"] == 0.5 and opts["d_coef"] == 2.0
+    assert (
+        args(optim="edge_options_opt", optim_args={"warmup": None}).optimizer_choice.options["warmup"] is None
+    )
+
+
+def _refuse_tiny_lr(training_args, options):
+    if training_args.learning_rate < 1e-2:
+        return [
+            f"learning_rate={training_args.learning_rate:g} makes this method a no-op; set learning_rate=1.0"
+        ]
+    return []
+
+
+ADAPTIVE = OptimizerSpec(
+    name="adaptive_lr_opt",
+    factory=lambda ctx: __import__("torch").optim.SGD(ctx.param_groups(), lr=ctx.lr),
+    summary="a method meant to run at lr 1.0",
+    recommended_lr=1.0,
+    validate_arguments=_refuse_tiny_lr,
+    capabilities=Capabilities(gradient_accumulation=False),
+)
+
+
+@pytest.fixture
+def adaptive_spec():
+    register(ADAPTIVE, replace=True)
+    yield ADAPTIVE
+    REGISTRY.unregister(ADAPTIVE.name)
+
+
+def test_validate_arguments_runs_when_the_arguments_are_built_with_the_other_conflicts(adaptive_spec):
+    with pytest.raises(IncompatibleConfigError) as err:
+        args(optim="adaptive_lr_opt", learning_rate=5e-5, gradient_accumulation_steps=2)
+    msg = str(err.value)
+    assert "learning_rate=5e-05 makes this method a no-op; set learning_rate=1.0" in msg
+    assert "gradient_accumulation_steps=2" in msg  # reported at once, not one by one
+    assert args(optim="adaptive_lr_opt", learning_rate=1.0).optim == "adaptive_lr_opt"
+
+
+def test_learning_rate_far_from_the_recommended_one_is_warned_about(adaptive_spec, caplog):
+    with caplog.at_level("WARNING", logger="optitrainer"):
+        args(optim="adaptive_lr_opt", learning_rate=200.0)
+        args(optim="adaptive_lr_opt", learning_rate=0.05)  # 20 times away: within reason
+    warned = [r.getMessage() for r in caplog.records if "meant to run at" in r.getMessage()]
+    assert warned == [
+        "optitrainer: optim='adaptive_lr_opt' is meant to run at learning_rate=1 (<in-process>); "
+        "learning_rate=200 is 200 times larger. Set learning_rate=1 unless you know this is what you want."
+    ]
+
+
+def test_recommended_lr_must_be_a_positive_number():
+    with pytest.raises(ValueError, match="recommended_lr must be a positive number"):
+        OptimizerSpec(name="bad_lr_opt", factory=lambda ctx: None, summary="x", recommended_lr=0.0)

@@ -197,3 +197,88 @@ def test_spec_validation():
         OptimizerSpec(
             name="x", factory=_sgd_factory, summary="s", capabilities=Capabilities(owns_backward=True)
         )
+
+
+def test_one_entry_point_may_provide_many_names(fake_dists):
+    src = plugin_source(("A", "fakeplug_many_a", ""), ("B", "fakeplug_many_b", "aliases=('fpm_b',)"))
+    fake_dists(
+        "fake-many", "3.0", {"fake-many": "fakeplug_many:SPECS"}, {"fakeplug_many": src + "SPECS = (A, B)\n"}
+    )
+    reg = Registry()
+    assert {"fakeplug_many_a", "fakeplug_many_b"} <= set(reg.names())
+    assert "fake-many" not in reg.names()  # the entry point's own name is not an optimizer
+    r = reg.resolve("fpm_b")
+    assert r.spec.name == "fakeplug_many_b" and str(r.provenance) == "fake-many 3.0"
+    rows = {row.name: row for row in reg.list()}
+    assert rows["fakeplug_many_a"].error is None and rows["fakeplug_many_a"].provenance.version == "3.0"
+
+
+def test_a_name_in_a_list_entry_point_clashing_with_another_distribution_is_reported(fake_dists):
+    fake_dists(
+        "fake-one",
+        "1.0",
+        {"fake-one": "fakeplug_l1:SPECS"},
+        {"fakeplug_l1": plugin_source(("A", "fakeplug_twice", "")) + "SPECS = [A]\n"},
+    )
+    fake_dists(
+        "fake-two",
+        "2.0",
+        {"fakeplug_twice": "fakeplug_l2:A"},
+        {"fakeplug_l2": plugin_source(("A", "fakeplug_twice", ""))},
+    )
+    reg = Registry()
+    with pytest.raises(PluginLoadError, match=r"fake-one 1.0.*fake-two 2.0.*uninstall"):
+        reg.resolve("fakeplug_twice")
+    assert any("fakeplug_twice" in p for p in reg.problems())
+
+
+def test_alias_clashes_are_reported_naming_both_distributions(fake_dists, caplog):
+    fake_dists(
+        "fake-alpha",
+        "1.0",
+        {"fakeplug_alpha": "fakeplug_alpha:SPEC"},
+        {"fakeplug_alpha": plugin_source(("SPEC", "fakeplug_alpha", "aliases=('shared_alias', 'sgd')"))},
+    )
+    fake_dists(
+        "fake-beta",
+        "1.0",
+        {"fakeplug_beta": "fakeplug_beta:SPEC"},
+        {"fakeplug_beta": plugin_source(("SPEC", "fakeplug_beta", "aliases=('shared_alias',)"))},
+    )
+    reg = Registry()
+    with pytest.raises(PluginLoadError) as err:
+        reg.resolve("shared_alias")
+    assert "'fakeplug_alpha' (fake-alpha 1.0)" in str(err.value) and "'fakeplug_beta' (fake-beta 1.0)" in str(
+        err.value
+    )
+    # an alias equal to another optimizer's name loses to the name, and says so
+    assert reg.resolve("sgd").spec.name == "sgd"
+    problems = reg.problems()
+    assert any(
+        "alias 'sgd' of 'fakeplug_alpha' (fake-alpha 1.0)" in p and "optitrainer" in p for p in problems
+    )
+    assert any("shared_alias" in p for p in problems)
+
+
+def test_entry_point_holding_something_else_fails_to_load_naming_it(fake_dists):
+    fake_dists(
+        "fake-wrong",
+        "0.1",
+        {"fake-wrong": "fakeplug_wrong:SPECS"},
+        {"fakeplug_wrong": "SPECS = ['not a spec']\n"},
+    )
+    reg = Registry()
+    with pytest.raises(PluginLoadError, match="holds a str, not an OptimizerSpec"):
+        reg.resolve("fake-wrong")
+
+
+def test_importing_the_plugin_api_and_listing_import_neither_torch_nor_transformers():
+    code = (
+        "import sys; import optitrainer.plugin; from optitrainer.plugin import OptimizerSpec; "
+        "import optitrainer; rows = optitrainer.list_optimizers(); "
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate') if m in sys.modules]; "
+        "assert not heavy, heavy; print(len(rows))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.strip()) >= len(BUILTINS)
