@@ -1,0 +1,121 @@
+"""Exact clipping in the layerwise engine without a second full backward (optitrainer.clipping, issue 9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from optitrainer import OptiTrainer
+from optitrainer.layerwise import LayerwiseOptimizer
+from optitrainer.testing import assert_same_run, run_training, tiny_llama
+
+KW = {"steps": 4, "max_grad_norm": 0.5, "learning_rate": 5e-3}
+
+
+class TwoPassTrainer(OptiTrainer):
+    """The engine without the model: the two-backward method for every parameter (the reference)."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        assert isinstance(optimizer, LayerwiseOptimizer)
+        optimizer.model = None
+        return optimizer
+
+
+def _count_weight_gradients(model: nn.Module, name: str) -> list[int]:
+    """How many times autograd produced ``name``'s gradient (1 per step: no second backward for it)."""
+    fired: list[int] = []
+    dict(model.named_parameters())[name].register_post_accumulate_grad_hook(lambda p: fired.append(1))
+    return fired
+
+
+def test_rebuilt_gradients_are_bit_identical_to_two_backward_passes(tmp_path):
+    model = tiny_llama()
+    q_fired = _count_weight_gradients(model, "model.layers.0.self_attn.q_proj.weight")
+    emb_fired = _count_weight_gradients(model, "model.embed_tokens.weight")
+    fast = run_training("adamw_torch_layerwise", tmp_path / "fast", model=model, **KW)
+    ref_model = tiny_llama()
+    ref_fired = _count_weight_gradients(ref_model, "model.layers.0.self_attn.q_proj.weight")
+    ref = run_training(
+        "adamw_torch_layerwise", tmp_path / "ref", model=ref_model, trainer_cls=TwoPassTrainer, **KW
+    )
+    assert len(ref_fired) == 2 * KW["steps"]  # the reference really runs two backward passes
+    assert len(q_fired) == len(emb_fired) == KW["steps"]  # rebuilt: autograd's gradient only in the norm pass
+    assert fast.grad_norms == ref.grad_norms
+    assert all(n > KW["max_grad_norm"] for n in fast.grad_norms)  # clipping really happened
+    assert_same_run(fast, ref)  # atol 0: the same bits
+    std = run_training("adamw_torch", tmp_path / "std", **KW)
+    assert fast.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(fast, std, atol=1e-6)
+
+
+def test_tied_embeddings_fall_back_to_a_second_backward_for_the_shared_weight(tmp_path):
+    tied = {"tie_word_embeddings": True}
+    model = tiny_llama(**tied)
+    emb_fired = _count_weight_gradients(model, "model.embed_tokens.weight")
+    q_fired = _count_weight_gradients(model, "model.layers.0.self_attn.q_proj.weight")
+    lw = run_training("adamw_torch_layerwise", tmp_path / "lw", model=model, **KW)
+    assert len(emb_fired) == 2 * KW["steps"] and len(q_fired) == KW["steps"]
+    ref = run_training(
+        "adamw_torch_layerwise", tmp_path / "ref", model=tiny_llama(**tied), trainer_cls=TwoPassTrainer, **KW
+    )
+    assert_same_run(lw, ref)
+    std = run_training("adamw_torch", tmp_path / "std", model=tiny_llama(**tied), **KW)
+    assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(lw, std, atol=1e-6)
+
+
+class OddLM(nn.Module):
+    """A small LM with what the rebuild does not cover: a Linear called twice, a bare 2-D parameter."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, hidden, padding_idx=0)
+        self.shared = nn.Linear(hidden, hidden)  # called twice per forward
+        self.mix = nn.Parameter(torch.randn(hidden, hidden) / hidden**0.5)  # used through matmul
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, input_ids, labels=None, attention_mask=None, **_):
+        h = self.embed(input_ids)
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h)) @ self.mix
+        logits = self.head(self.norm(h))
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
+        return {"loss": loss, "logits": logits}
+
+
+def test_modules_called_twice_and_other_parameters_stay_exact(tmp_path):
+    from optitrainer.testing import SyntheticLMDataset
+
+    data = SyntheticLMDataset(vocab_size=64)
+    model = OddLM()
+    shared_fired = _count_weight_gradients(model, "shared.weight")
+    head_fired = _count_weight_gradients(model, "head.weight")
+    lw = run_training("adamw_torch_layerwise", tmp_path / "lw", model=model, dataset=data, **KW)
+    assert len(shared_fired) == 2 * KW["steps"] and len(head_fired) == KW["steps"]
+    ref = run_training(
+        "adamw_torch_layerwise",
+        tmp_path / "ref",
+        model=OddLM(),
+        dataset=data,
+        trainer_cls=TwoPassTrainer,
+        **KW,
+    )
+    assert_same_run(lw, ref)
+    std = run_training("adamw_torch", tmp_path / "std", model=OddLM(), dataset=data, **KW)
+    assert all(n > KW["max_grad_norm"] for n in std.grad_norms)
+    assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(lw, std, atol=1e-6)
+
+
+def test_gradient_checkpointing_uses_two_backward_passes_and_stays_exact(tmp_path):
+    kw = {**KW, "gradient_checkpointing": True}
+    lw = run_training("adamw_torch_layerwise", tmp_path / "lw", **kw)
+    std = run_training("adamw_torch", tmp_path / "std", **kw)
+    assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(lw, std, atol=1e-6)
