@@ -62,10 +62,13 @@ EMBEDDINGS_32BIT = Option(
 )
 EIGHT_BIT = (MIN_8BIT_SIZE, EMBEDDINGS_32BIT)
 
+#: bitsandbytes refuses a beta outside [0, 1)
+BETA = {"low": 0.0, "high": 1.0, "high_exclusive": True}
+
 ADEMAMIX_OPTIONS = (
-    Option("beta1", float, None, "fast EMA coefficient; None: adam_beta1", low=0.0, high=1.0),
-    Option("beta2", float, None, "second-moment EMA coefficient; None: adam_beta2", low=0.0, high=1.0),
-    Option("beta3", float, 0.9999, "slow EMA coefficient", low=0.0, high=1.0),
+    Option("beta1", float, None, "fast EMA coefficient; None: adam_beta1", **BETA),
+    Option("beta2", float, None, "second-moment EMA coefficient; None: adam_beta2", **BETA),
+    Option("beta3", float, 0.9999, "slow EMA coefficient", **BETA),
     Option("alpha", float, 5.0, "weight of the slow EMA in the update", low=0.0),
     Option("eps", float, None, "added to the denominator; None: adam_epsilon", low=0.0),
     Option("t_alpha", int, None, "steps over which alpha warms up linearly from 0; None: no warmup", low=1),
@@ -78,7 +81,8 @@ ADEMAMIX_OPTIONS = (
     ),
 )
 RMSPROP_OPTIONS = (
-    Option("alpha", float, 0.99, "decay of the squared-gradient average, in (0, 1)", low=0.0, high=1.0),
+    # bitsandbytes has no alpha=0 form (NotImplementedError) and refuses alpha >= 1 as a beta
+    Option("alpha", float, 0.99, "decay of the squared-gradient average", low_exclusive=True, **BETA),
     Option(
         "eps",
         float,
@@ -86,7 +90,7 @@ RMSPROP_OPTIONS = (
         "added to the denominator (transformers passes no eps here: adam_epsilon is not used)",
         low=0.0,
     ),
-    Option("momentum", float, 0.0, "momentum of the update, in [0, 1)", low=0.0, high=1.0),
+    Option("momentum", float, 0.0, "momentum of the update", **BETA),
 )
 
 # --- building and checking -------------------------------------------------------------------------
@@ -101,47 +105,38 @@ def _factory(family: str, optim_bits: int, is_paged: bool):
     return factory
 
 
-def _validate(family: str):
-    def validate(ctx: BuildContext) -> list[str]:
-        o, args, name, problems = ctx.options, ctx.args, ctx.name, []
+def _validate(family: str, name: str):
+    """Checks of values that come from the training arguments (optim_args are bounded by their Option)."""
 
-        def beta(label: str, value: float, fix: str) -> None:
-            if not 0.0 <= value < 1.0:
-                problems.append(f"{label}={value!r}: {name} needs 0 <= {label} < 1; {fix}")
-
+    def validate_arguments(args, options) -> list[str]:
+        problems = []
+        keys = ()
         if family in ("adamw", "lion"):
-            for key in ("adam_beta1", "adam_beta2"):
-                beta(key, getattr(args, key), f"set {key} inside [0, 1)")
-        if family == "ademamix":
-            for i, key in enumerate(("beta1", "beta2")):
-                if o[key] is None:
-                    arg = f"adam_beta{i + 1}"
-                    beta(arg, getattr(args, arg), f"set {arg} inside [0, 1) or optim_args='{key}=0.9'")
-                else:
-                    beta(f"optim_args {key}", o[key], f"e.g. optim_args='{key}=0.9'")
-            beta("optim_args beta3", o["beta3"], "e.g. optim_args='beta3=0.9999'")
-            b1 = o["beta1"] if o["beta1"] is not None else args.adam_beta1
-            if o["t_beta3"] is not None and not (b1 > 0.0 and o["beta3"] > 0.0):
-                problems.append(
-                    f"optim_args t_beta3={o['t_beta3']}: the beta3 warmup interpolates log(beta1) and "
-                    "log(beta3), which needs beta1 > 0 and beta3 > 0; raise them or drop t_beta3"
-                )
-            if o["eps"] is None and args.adam_epsilon < 0:
-                problems.append(f"adam_epsilon={args.adam_epsilon!r}: {name} needs eps >= 0")
-        if family == "adamw" and args.adam_epsilon < 0:
+            keys = ("adam_beta1", "adam_beta2")
+        elif family == "ademamix":  # beta1/beta2 fall back to the arguments only when not in optim_args
+            keys = tuple(f"adam_{k}" for k in ("beta1", "beta2") if options[k] is None)
+        for key in keys:
+            value = getattr(args, key)
+            if not 0.0 <= value < 1.0:
+                fix = f"set {key} inside [0, 1)"
+                if family == "ademamix":
+                    fix += f" or optim_args='{key[5:]}=0.9'"
+                problems.append(f"{key}={value!r}: {name} needs 0 <= {key} < 1; {fix}")
+        uses_eps = family == "adamw" or (family == "ademamix" and options["eps"] is None)
+        if uses_eps and args.adam_epsilon < 0:
             problems.append(
                 f"adam_epsilon={args.adam_epsilon!r}: {name} needs eps >= 0; set adam_epsilon >= 0"
             )
-        if family == "rmsprop":
-            if not 0.0 < o["alpha"] < 1.0:
+        if family == "ademamix" and options["t_beta3"] is not None:
+            beta1 = args.adam_beta1 if options["beta1"] is None else options["beta1"]
+            if beta1 <= 0.0 or options["beta3"] <= 0.0:
                 problems.append(
-                    f"optim_args alpha={o['alpha']!r}: {name} needs 0 < alpha < 1 (bitsandbytes has no "
-                    "alpha=0 form); e.g. optim_args='alpha=0.99'"
+                    f"optim_args t_beta3={options['t_beta3']}: {name}'s beta3 warmup interpolates log(beta1) "
+                    "and log(beta3), which needs beta1 > 0 and beta3 > 0; raise them or drop t_beta3"
                 )
-            beta("optim_args momentum", o["momentum"], "e.g. optim_args='momentum=0.9'")
         return problems
 
-    return validate
+    return validate_arguments
 
 
 # --- the specs -------------------------------------------------------------------------------------
@@ -196,7 +191,7 @@ def _spec(name: str, family: str, optim_bits: int, is_paged: bool, aliases: tupl
         aliases=aliases,
         capabilities=CAPABILITIES,
         transformers_name=name,
-        validate=_validate(family),
+        validate_arguments=_validate(family, name),
         docs=(
             f"`bitsandbytes.optim.{cls}(optim_bits={optim_bits}"
             + ("" if family == "rmsprop" else f", is_paged={is_paged}")

@@ -318,6 +318,10 @@ def test_unknown_key_names_the_accepted_ones(tmp_path, name):
         ("rmsprop_bnb", "momentum=maybe", "momentum"),
         ("adamw_bnb_8bit", "min_8bit_size=-1", "min_8bit_size"),
         ("lion_8bit", "embeddings_32bit=perhaps", "embeddings_32bit"),
+        ("ademamix", "beta3=1.0", "beta3"),
+        ("rmsprop_bnb", "alpha=1.0", "alpha"),
+        ("rmsprop_bnb", "alpha=0", "alpha"),
+        ("rmsprop_bnb_8bit", "momentum=1", "momentum"),
     ],
 )
 def test_bad_values_are_refused(tmp_path, name, optim_args, key):
@@ -330,16 +334,21 @@ def test_bad_values_are_refused(tmp_path, name, optim_args, key):
     [
         ("adamw_bnb_8bit", {"adam_beta2": 1.0}, "set adam_beta2 inside"),
         ("lion_32bit", {"adam_beta1": -0.1}, "set adam_beta1 inside"),
-        ("ademamix", {"optim_args": "beta3=1.0"}, "beta3=0.9999"),
+        ("ademamix", {"adam_beta2": 1.0}, "optim_args='beta2=0.9'"),
         ("ademamix", {"optim_args": "beta1=0, t_beta3=100"}, "drop t_beta3"),
-        ("rmsprop_bnb", {"optim_args": "alpha=1.0"}, "alpha=0.99"),
-        ("rmsprop_bnb_8bit", {"optim_args": "momentum=1"}, "momentum=0.9"),
+        ("adamw_bnb_8bit", {"adam_epsilon": -1.0}, "set adam_epsilon >= 0"),
     ],
 )
-def test_invalid_settings_are_refused_before_training(tmp_path, name, kw, fix):
-    args = training_arguments(tmp_path, optim=name, **kw)
+def test_invalid_settings_are_refused_with_the_arguments(tmp_path, name, kw, fix):
     with pytest.raises(IncompatibleConfigError, match=fix):
-        OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset(n=8))
+        training_arguments(tmp_path, optim=name, **kw)
+
+
+def test_settings_given_in_optim_args_are_not_refused_for_the_arguments(tmp_path):
+    """AdEMAMix reads adam_beta2 only when optim_args has no beta2."""
+    args = training_arguments(tmp_path, optim="ademamix", adam_beta2=1.0, optim_args="beta2=0.99")
+    opt = OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset(n=8)).create_optimizer()
+    assert opt.param_groups[0]["betas"] == (0.9, 0.99, 0.9999)
 
 
 def test_options_reach_the_optimizer_typed(tmp_path):
