@@ -4,8 +4,15 @@ Upstream (galore-torch 1.0) keeps a ``GaLoreProjector`` object in the state of e
 parameter. ``torch.save`` pickles it, but ``torch.load(..., weights_only=True)`` -- what
 ``transformers.Trainer`` uses to resume -- refuses to unpickle it, so a GaLore run cannot resume.
 
-The subclasses below leave ``step`` untouched (the update's numbers are upstream's, bit for bit) and
-only change the serialized form: ``state_dict()`` replaces the projector by its orthogonal matrix
+Upstream's projector also holds more memory than the method needs: the orthogonal matrix it keeps
+is a slice (a view) of the whole SVD factor (``Vh[:rank]``/``U[:, :rank]``), so every projected weight
+keeps the full ``min(m, n) x n`` factor alive in the optimizer state (a 768 x 768 weight at rank 128:
+2.25 MiB instead of 0.375 MiB) and in every checkpoint; and ``project_back`` scales its full-size
+result out of place (two weight-sized temporaries per update). :class:`LeanProjector` keeps a compact
+copy of the slice, with the slice's memory order, and scales in place: same numbers, bit for bit.
+
+The subclasses below leave ``step`` untouched (the update's numbers are upstream's, bit for bit), give
+new parameters a :class:`LeanProjector`, and change the serialized form: ``state_dict()`` replaces the projector by its orthogonal matrix
 (a tensor; a ``[left, right]`` pair for ``proj_type='full'``) under :data:`ORTHO_KEY`, and
 ``load_state_dict()`` rebuilds the projector from that matrix and the group's
 ``rank``/``update_proj_gap``/``scale``/``proj_type`` (which the checkpoint also holds). The
@@ -16,19 +23,77 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from galore_torch import GaLoreAdafactor as _UpstreamAdafactor
 from galore_torch import GaLoreAdamW as _UpstreamAdamW
 from galore_torch import GaLoreAdamW8bit as _UpstreamAdamW8bit
 from galore_torch.galore_projector import GaLoreProjector
 
-__all__ = ["ORTHO_KEY", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit"]
+__all__ = ["ORTHO_KEY", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit", "LeanProjector"]
 
 #: the state key that holds the projector's orthogonal matrix in a checkpoint
 ORTHO_KEY = "galore_ortho_matrix"
 
 
+def compact(matrix: torch.Tensor) -> torch.Tensor:
+    """A copy of ``matrix`` that owns just its elements, in the same memory order (row- or column-major).
+
+    Keeping the order keeps the matmuls that read it bit-identical to reading the original view.
+    """
+    if matrix.dim() == 2 and matrix.stride(0) == 1 and matrix.size(0) > 1:  # column-major (LAPACK's order)
+        return torch.empty_strided(
+            matrix.shape, (1, matrix.size(0)), dtype=matrix.dtype, device=matrix.device
+        ).copy_(matrix)
+    return matrix.clone(memory_format=torch.contiguous_format)
+
+
+class LeanProjector(GaLoreProjector):
+    """``GaLoreProjector`` that keeps only the rank-``r`` factor and scales its result in place."""
+
+    def get_orthogonal_matrix(self, weights, rank, type):
+        ortho = super().get_orthogonal_matrix(weights, rank, type)
+        if isinstance(ortho, list):
+            return [compact(m) for m in ortho]
+        return compact(ortho)
+
+    def project_back(self, low_rank_grad):
+        # upstream's choice of product, then ``* scale`` in place instead of into a second full matrix
+        ortho, rows, cols = self.ortho_matrix, *low_rank_grad.shape
+        if self.proj_type == "full":
+            full_rank_grad = torch.matmul(ortho[0], low_rank_grad) @ ortho[1]
+        elif self.proj_type == "right" or (self.proj_type == "std" and rows >= cols):
+            full_rank_grad = torch.matmul(low_rank_grad, ortho)
+        elif self.proj_type == "reverse_std" and rows > cols:
+            full_rank_grad = torch.matmul(low_rank_grad, ortho)
+        elif self.proj_type in ("left", "std", "reverse_std"):
+            full_rank_grad = torch.matmul(ortho, low_rank_grad)
+        else:
+            return super().project_back(low_rank_grad)
+        return full_rank_grad.mul_(self.scale)
+
+
+def _projector(group: dict[str, Any]) -> LeanProjector:
+    return LeanProjector(
+        group["rank"],
+        update_proj_gap=group["update_proj_gap"],
+        scale=group["scale"],
+        proj_type=group["proj_type"],
+    )
+
+
 class _PlainProjectorState:
-    """Mixin: serialize ``state['projector']`` as its orthogonal matrix and rebuild it on load."""
+    """Mixin: lean projectors; serialize ``state['projector']`` as its orthogonal matrix, rebuild it on load."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        # upstream creates a GaLoreProjector for a parameter without one: hand it the lean one first
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            for p in group["params"]:
+                if p.grad is not None and "projector" not in self.state[p]:
+                    self.state[p]["projector"] = _projector(group)
+        return super().step(closure)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -49,12 +114,7 @@ class _PlainProjectorState:
                 param_state = self.state.get(p)
                 if not param_state or ORTHO_KEY not in param_state:
                     continue
-                projector = GaLoreProjector(
-                    group["rank"],
-                    update_proj_gap=group["update_proj_gap"],
-                    scale=group["scale"],
-                    proj_type=group["proj_type"],
-                )
+                projector = _projector(group)
                 projector.ortho_matrix = param_state.pop(ORTHO_KEY)
                 param_state["projector"] = projector
 

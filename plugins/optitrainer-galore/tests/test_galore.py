@@ -482,3 +482,37 @@ def test_build_context_is_public_api_only():
     ctx = BuildContext(model=model, args=args, options={}, name="galore_adamw")
     groups = galore_param_groups(ctx, {"rank": 2})
     assert [len(g["params"]) for g in groups] == [2, 5, 14, 0]
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "right", "left", "full"])
+def test_state_and_checkpoint_keep_only_the_rank_r_factor(proj_type):
+    """Upstream keeps a view of the whole SVD factor (min(m, n) columns or rows) alive per weight."""
+    import galore_torch
+    from optitrainer_galore import optimizers as ours
+
+    def ortho_bytes(opt, params):
+        mats = []
+        for p in params:
+            o = opt.state[p]["projector"].ortho_matrix
+            mats += o if isinstance(o, list) else [o]
+        return sum(m.untyped_storage().nbytes() for m in mats), sum(
+            m.numel() * m.element_size() for m in mats
+        )
+
+    up_params, our_params = _params(), _params()
+    upstream = galore_torch.GaLoreAdamW(_groups(up_params, proj_type), lr=1e-2, no_deprecation_warning=True)
+    lean = ours.GaLoreAdamW(_groups(our_params, proj_type), lr=1e-2)
+    for step in range(2):
+        _step(upstream, up_params, step)
+        _step(lean, our_params, step)
+    projected = [p for p in our_params if "projector" in lean.state[p]]
+    held, needed = ortho_bytes(lean, projected)
+    assert held == needed
+    up_projected = [p for p in up_params if "projector" in upstream.state[p]]
+    up_held, up_needed = ortho_bytes(upstream, up_projected)
+    assert up_needed == needed and up_held > needed  # what the fix saves
+    # a checkpoint saves a tensor's whole storage: upstream's holds the whole factors too
+    saved, up_saved = io.BytesIO(), io.BytesIO()
+    torch.save([lean.state[p]["projector"].ortho_matrix for p in projected], saved)
+    torch.save([upstream.state[p]["projector"].ortho_matrix for p in up_projected], up_saved)
+    assert saved.getbuffer().nbytes < up_saved.getbuffer().nbytes
