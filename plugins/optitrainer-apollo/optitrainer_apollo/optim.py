@@ -5,7 +5,9 @@ Upstream (``apollo_torch.APOLLOAdamW``, 1.0.3) keeps one projector *object* per 
 ``GaLoreProjector`` (SVD). ``torch.save`` pickles it, but ``torch.load(..., weights_only=True)`` --
 which is how ``transformers.Trainer`` reloads a checkpoint -- refuses it, so training cannot resume.
 
-This subclass runs upstream's ``step`` unchanged (the numbers are upstream's by construction). Between
+This subclass runs upstream's update arithmetic unchanged (a copy of its ``step`` whose one change is
+an in-place division, so one weight-sized temporary lives at a time instead of two; the parity tests
+compare it with upstream bit for bit). Between
 steps it keeps each projector as a plain dict of its *changing* fields -- the orthogonal matrix (a
 tensor), the next projection seed and the refresh count (ints) -- and rebuilds the projector object
 from that dict and the group's hyperparameters just for the duration of ``step``. So
@@ -25,9 +27,11 @@ parameter (layerwise) can draw the very projections of the one-optimizer form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from apollo_torch import APOLLOAdamW as _UpstreamAPOLLOAdamW
 
@@ -68,10 +72,72 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
                 loss = closure()
         self._inflate_projectors()
         try:
-            super().step()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self._update(group, p)
         finally:
             self._deflate_projectors()
         return loss
+
+    def _update(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Upstream's update of one parameter (apollo-torch 1.0.3), arithmetic unchanged.
+
+        Only the memory differs: upstream divides the weight-sized scaled gradient by the norm limiter
+        out of place (two weight-sized temporaries live at once); here it is divided in place.
+        """
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        if "rank" in group:
+            norm_dim = 0 if grad.shape[0] < grad.shape[1] else 1  # the low-rank dimension
+            if "projector" not in state:
+                state["projector"] = self._initialize_projector(group, state)
+            grad = state["projector"].project(grad, state["step"])
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            bias_correction1 = 1.0 - beta1 ** state["step"]
+            bias_correction2 = 1.0 - beta2 ** state["step"]
+            step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+        norm_grad = exp_avg / denom
+        if "rank" in group:
+            if group["scale_type"] == "channel":
+                grad_scaling_factor = torch.norm(norm_grad, dim=norm_dim) / (
+                    torch.norm(grad, dim=norm_dim) + 1e-8
+                )
+                if norm_dim == 1:
+                    grad_scaling_factor = grad_scaling_factor.unsqueeze(1)
+            elif group["scale_type"] == "tensor":
+                grad_scaling_factor = torch.norm(norm_grad) / (torch.norm(grad) + 1e-8)
+            scaled_grad = p.grad * grad_scaling_factor
+            if self.scale_front:
+                scaled_grad *= np.sqrt(group["scale"])
+            if not self.disable_nl:
+                if "scaled_grad" in state:
+                    scaled_grad_norm = torch.norm(scaled_grad)
+                    limiter = max(scaled_grad_norm / (state["scaled_grad"] + 1e-8), 1.01) / 1.01
+                    scaled_grad.div_(limiter)  # upstream: scaled_grad = scaled_grad / limiter
+                    state["scaled_grad"] = scaled_grad_norm / limiter
+                else:
+                    state["scaled_grad"] = torch.norm(scaled_grad)
+            norm_grad = scaled_grad
+            if not self.scale_front:
+                norm_grad *= np.sqrt(group["scale"])
+        p.add_(norm_grad, alpha=-step_size)
+        if group["weight_decay"] > 0.0:
+            p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
 
     # projector objects <-> plain dicts ---------------------------------------------------------------
     def _projected(self):
@@ -97,6 +163,18 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
             state = self.state.get(p)
             projector = state.get("projector") if state else None
             if projector is not None and not isinstance(projector, dict):
-                state["projector"] = {
-                    k: getattr(projector, k) for k in PROJECTOR_FIELDS if hasattr(projector, k)
-                }
+                fields = {k: getattr(projector, k) for k in PROJECTOR_FIELDS if hasattr(projector, k)}
+                if isinstance(fields.get("ortho_matrix"), torch.Tensor):
+                    # the SVD projector keeps a view of the whole SVD factor: keep just the rank-r slice
+                    fields["ortho_matrix"] = _compact(fields["ortho_matrix"])
+                state["projector"] = fields
+
+
+def _compact(matrix: torch.Tensor) -> torch.Tensor:
+    """``matrix`` itself when it owns just its elements, else a copy in the same (row/column-major) order."""
+    if matrix.untyped_storage().nbytes() == matrix.numel() * matrix.element_size():
+        return matrix
+    if matrix.dim() == 2 and matrix.stride(0) == 1 and matrix.size(0) > 1:  # column-major (LAPACK's order)
+        out = torch.empty_strided(matrix.shape, (1, matrix.size(0)), dtype=matrix.dtype, device=matrix.device)
+        return out.copy_(matrix)
+    return matrix.clone(memory_format=torch.contiguous_format)

@@ -246,18 +246,20 @@ def _groups(params, **apollo):
 
 
 @pytest.mark.parametrize(
-    "apollo",
+    ("apollo", "ctor"),
     [
-        {"rank": 4, "proj": "random", "scale_type": "channel", "scale": 1.0},
-        {"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0},
-        {"rank": 4, "proj": "svd", "scale_type": "channel", "scale": 2.0},
+        ({"rank": 4, "proj": "random", "scale_type": "channel", "scale": 1.0}, {}),
+        ({"rank": 1, "proj": "random", "scale_type": "tensor", "scale": 128.0}, {}),
+        ({"rank": 4, "proj": "svd", "scale_type": "channel", "scale": 2.0}, {}),
+        ({"rank": 2, "proj": "random", "scale_type": "tensor", "scale": 4.0}, {"scale_front": True}),
+        ({"rank": 2, "proj": "random", "scale_type": "channel", "scale": 4.0}, {"disable_nl": True}),
     ],
 )
-def test_subclass_updates_equal_upstream_and_survive_a_weights_only_round_trip(tmp_path, apollo):
+def test_subclass_updates_equal_upstream_and_survive_a_weights_only_round_trip(tmp_path, apollo, ctor):
     steps, cut = 7, 3  # update_proj_gap=2: projections refreshed at steps 0, 2, 4, 6
     ref_params, grads = _params_and_grads(steps)
     ours_params, _ = _params_and_grads(steps)
-    kw = {"lr": 0.01, "weight_decay": 0.05}
+    kw = {"lr": 0.01, "weight_decay": 0.05, **ctor}
     ref = UpstreamAPOLLOAdamW(_groups(ref_params, **apollo), **kw)
     ours = APOLLOAdamW(_groups(ours_params, **apollo), **kw)
     for t in range(steps):
