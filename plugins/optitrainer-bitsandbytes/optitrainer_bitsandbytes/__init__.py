@@ -40,7 +40,7 @@ CAPABILITIES = Capabilities(
         "bitsandbytes quantizes each whole parameter's state in blocks of 256 elements and picks 32-bit "
         "states per parameter (embeddings, tensors under min_8bit_size); ZeRO's flattened partitions and "
         "FSDP's shards regroup those blocks and hide which parameter a slice belongs to, so the update is "
-        "not the same; verified under DDP only"
+        "not the same; DDP only (whole parameters and the averaged gradient on every rank)"
     ),
 )
 
@@ -57,8 +57,8 @@ EMBEDDINGS_32BIT = Option(
     "embeddings_32bit",
     bool,
     True,
-    "keep the weight of every nn.Embedding in 32-bit states, as transformers.Trainer does (8-bit "
-    "embedding states are known to destabilise training); False: 8-bit like the other weights",
+    "keep the weight of every nn.Embedding in 32-bit states, as transformers.Trainer does (bitsandbytes "
+    "recommends 32-bit embedding states for stable training); False: 8-bit like the other weights",
 )
 EIGHT_BIT = (MIN_8BIT_SIZE, EMBEDDINGS_32BIT)
 

@@ -362,6 +362,19 @@ def test_options_reach_the_optimizer_typed(tmp_path):
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 0.0]
 
 
+def test_plain_training_arguments_reach_the_plugin(tmp_path):
+    """transformers' own TrainingArguments (optim is its enum) with an alias: built here, typed options too."""
+    args = training_arguments(
+        tmp_path,
+        arguments_cls=transformers.TrainingArguments,
+        optim="adamw_8bit",
+        optim_args="min_8bit_size=0",
+    )
+    opt = OptiTrainer(model=_model(), args=args, train_dataset=SyntheticLMDataset(n=8)).create_optimizer()
+    assert type(opt).__module__ == "optitrainer_bitsandbytes._optim"
+    assert (opt.args.optim_bits, opt.args.min_8bit_size) == (8, 0)
+
+
 # --- 6. packaging -----------------------------------------------------------------------------------------
 
 
