@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from optitrainer import OptiTrainer, OptiTrainingArguments, get_optimizer
+from optitrainer.registry import DISABLE_AUTOLOAD_ENV, REGISTRY
 from optitrainer.testing import (
     SyntheticLMDataset,
     max_param_diff,
@@ -33,6 +34,17 @@ def _model():
 
 
 @pytest.fixture(autouse=True)
+def core_only(monkeypatch):
+    """Only the core's own names: the bitsandbytes names then fall back to transformers, even where the
+    optitrainer-bitsandbytes plugin is installed (its own tests compare it with transformers)."""
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")
+    REGISTRY.refresh()
+    yield
+    monkeypatch.delenv(DISABLE_AUTOLOAD_ENV)
+    REGISTRY.refresh()
+
+
+@pytest.fixture(autouse=True)
 def fresh_bnb_manager():
     """bitsandbytes' GlobalOptimManager is process-wide and keys overrides by (group, index) too.
 
@@ -51,8 +63,7 @@ def _state_dtypes(optimizer, param):
 
 @pytest.mark.parametrize("name", EIGHT_BIT)
 def test_8bit_fallback_trains_like_transformers(name, tmp_path, fresh_bnb_manager):
-    if not get_optimizer(name).is_transformers_fallback:
-        pytest.skip(f"a plugin provides {name!r}")
+    assert get_optimizer(name).is_transformers_fallback
     a = run_training(name, tmp_path / "a", steps=6, model=_model())
     fresh_bnb_manager.initialize()
     b = run_training(
