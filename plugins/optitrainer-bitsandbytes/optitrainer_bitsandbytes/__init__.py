@@ -115,20 +115,20 @@ def _validate(family: str, name: str):
             keys = ("adam_beta1", "adam_beta2")
         elif family == "ademamix":  # beta1/beta2 fall back to the arguments only when not in optim_args
             keys = tuple(f"adam_{k}" for k in ("beta1", "beta2") if options[k] is None)
+        # getattr with a default: a validator never raises, also on argument objects lacking a field
         for key in keys:
-            value = getattr(args, key)
-            if not 0.0 <= value < 1.0:
+            value = getattr(args, key, None)
+            if value is not None and not 0.0 <= value < 1.0:
                 fix = f"set {key} inside [0, 1)"
                 if family == "ademamix":
                     fix += f" or optim_args='{key[5:]}=0.9'"
                 problems.append(f"{key}={value!r}: {name} needs 0 <= {key} < 1; {fix}")
         uses_eps = family == "adamw" or (family == "ademamix" and options["eps"] is None)
-        if uses_eps and args.adam_epsilon < 0:
-            problems.append(
-                f"adam_epsilon={args.adam_epsilon!r}: {name} needs eps >= 0; set adam_epsilon >= 0"
-            )
+        eps = getattr(args, "adam_epsilon", None)
+        if uses_eps and eps is not None and eps < 0:
+            problems.append(f"adam_epsilon={eps!r}: {name} needs eps >= 0; set adam_epsilon >= 0")
         if family == "ademamix" and options["t_beta3"] is not None:
-            beta1 = args.adam_beta1 if options["beta1"] is None else options["beta1"]
+            beta1 = getattr(args, "adam_beta1", 0.9) if options["beta1"] is None else options["beta1"]
             if beta1 <= 0.0 or options["beta3"] <= 0.0:
                 problems.append(
                     f"optim_args t_beta3={options['t_beta3']}: {name}'s beta3 warmup interpolates log(beta1) "

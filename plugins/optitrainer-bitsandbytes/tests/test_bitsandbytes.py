@@ -33,6 +33,7 @@ from optitrainer.testing import (
     assert_learns,
     assert_same_run,
     check_layerwise_matches_standard,
+    check_refusals,
     check_resume,
     max_param_diff,
     run_training,
@@ -349,6 +350,12 @@ def test_settings_given_in_optim_args_are_not_refused_for_the_arguments(tmp_path
     args = training_arguments(tmp_path, optim="ademamix", adam_beta2=1.0, optim_args="beta2=0.99")
     opt = OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset(n=8)).create_optimizer()
     assert opt.param_groups[0]["betas"] == (0.9, 0.99, 0.9999)
+
+
+@pytest.mark.parametrize("name", [*NAMES, *(f"{n}_layerwise" for n in NAMES)])
+def test_kit_refusals(name):
+    """The kit's check: ZeRO/FSDP refused naming the fix, DDP accepted, validators quiet on defaults."""
+    check_refusals(ConformanceCase(name))
 
 
 def test_options_reach_the_optimizer_typed(tmp_path):
