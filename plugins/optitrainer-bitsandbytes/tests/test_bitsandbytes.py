@@ -64,19 +64,19 @@ NAMES = [
     "rmsprop_bnb_8bit",
 ]
 ALIASES = {"adamw_8bit": "adamw_bnb_8bit", "rmsprop_bnb_32bit": "rmsprop_bnb"}
-#: one of each family (8-bit, the embedding override on), one paged; the rest with OPTITRAINER_BNB_FULL=1
-SAMPLE = ["adamw_bnb_8bit", "paged_ademamix_8bit", "lion_8bit", "rmsprop_bnb_8bit"]
+#: what the default run checks (8-bit states, the embedding override on); OPTITRAINER_BNB_FULL=1: every name
+PARITY_SAMPLE = ["adamw_bnb_8bit", "paged_ademamix_8bit", "lion_8bit", "rmsprop_bnb_8bit"]
+LAYERWISE_SAMPLE = ["adamw_bnb_8bit", "paged_ademamix_8bit"]
+RESUME_SAMPLE = ["ademamix_8bit", "adamw_bnb_8bit_layerwise"]
 #: learning rates at which each family visibly trains the tiny model in 20 steps
 LR = {"adamw": 3e-3, "ademamix": 3e-3, "lion": 3e-4, "rmsprop": 1e-3}
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU:UserWarning")
 
 
-def _sampled(names):
-    return [
-        n if FULL or n in SAMPLE else pytest.param(n, marks=pytest.mark.skip("OPTITRAINER_BNB_FULL=1"))
-        for n in names
-    ]
+def _sampled(names, sample):
+    skip = pytest.mark.skip("sampled out of the default run; OPTITRAINER_BNB_FULL=1 runs it")
+    return [n if FULL or n in sample else pytest.param(n, marks=skip) for n in names]
 
 
 def _family(name: str) -> str:
@@ -115,7 +115,7 @@ def _state_dtypes(optimizer, model) -> dict[str, tuple]:
 # --- 1. parity with transformers.Trainer ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", _sampled(NAMES))
+@pytest.mark.parametrize("name", _sampled(NAMES, PARITY_SAMPLE))
 def test_matches_transformers_trainer(tmp_path, fresh_bnb_manager, name):
     s = {"learning_rate": LR[_family(name)], "weight_decay": 0.01, "warmup_steps": 3, "adam_beta2": 0.99}
     ref = run_training(name, tmp_path / "tf", steps=20, model=_model(), **TF, **s)
@@ -256,7 +256,7 @@ def test_user_overrides_through_bitsandbytes_are_honoured(tmp_path):
 # --- 3. layerwise == standard (8-bit states on the kit's tiny model: min_8bit_size=0) --------------------
 
 
-@pytest.mark.parametrize("name", _sampled(NAMES))
+@pytest.mark.parametrize("name", _sampled(NAMES, LAYERWISE_SAMPLE))
 def test_layerwise_matches_standard(tmp_path, name):
     optim_args = "min_8bit_size=0" if "8bit" in name else ""
     if "ademamix" in name:
@@ -278,7 +278,7 @@ def test_layerwise_keeps_8bit_states_per_parameter(tmp_path):
 # --- 4. exact resume, weights_only checkpoints -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", _sampled([*NAMES, "adamw_bnb_8bit_layerwise"]))
+@pytest.mark.parametrize("name", _sampled([*NAMES, "adamw_bnb_8bit_layerwise"], RESUME_SAMPLE))
 def test_resume_equals_uninterrupted(tmp_path, name):
     kw = {"optim_args": "min_8bit_size=0"} if "8bit" in name else {}
     if name.endswith("_layerwise"):
