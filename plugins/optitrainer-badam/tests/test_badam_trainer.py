@@ -119,10 +119,16 @@ def test_gradient_accumulation_keeps_the_block_for_the_whole_step(reference, tmp
     assert max(float((params[n] - ref_params[n]).abs().max()) for n in params) < 1e-5
 
 
-def test_gradient_checkpointing_gives_the_same_numbers(reference, tmp_path):
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_numbers(reference, tmp_path, reentrant):
     """Frozen embeddings: the checkpointed layers' inputs still get gradients (transformers makes the
     embedding output require them), so the active layer trains exactly as without checkpointing."""
-    trainer, _ = _opti(tmp_path, **BASE, gradient_checkpointing=True)
+    trainer, _ = _opti(
+        tmp_path,
+        **BASE,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
     losses, params, blocks = _result(trainer)
     ref_losses, ref_params, _ = _result(reference[0])
     assert losses == ref_losses and blocks == SCHEDULE
@@ -158,6 +164,33 @@ def test_resume_equals_uninterrupted(tmp_path, optim_args, save_at, steps, sched
         assert blocks == schedule
     else:
         assert len(set(blocks)) == 3  # every block trained
+
+
+def test_parameters_frozen_by_the_user_stay_frozen(tmp_path):
+    model = tiny_llama()
+    frozen = model.model.layers[0].mlp.up_proj.weight
+    frozen.requires_grad_(False)
+    args = training_arguments(tmp_path, optim="badam")
+    trainer = OptiTrainer(model=model, args=args, train_dataset=SyntheticLMDataset(n=8))
+    optimizer = trainer.create_optimizer()
+    assert optimizer.active_block == 0
+    active = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert active and all(".layers.0." in n for n in active)
+    assert not frozen.requires_grad  # in the active block, but not trainable when the optimizer was built
+    optimizer.restore_requires_grad()
+    assert not frozen.requires_grad and sum(not p.requires_grad for p in model.parameters()) == 1
+
+
+def test_memory_script_state_is_one_block(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    measure = runpy.run_path(str(Path(__file__).parents[1] / "memory.py"))["measure"]
+    r = measure(layers=3, hidden=32, vocab=97)
+    steps = 4 * 9  # one float32 step counter per parameter of a Llama layer (7 linears, 2 norms)
+    assert r["badam_state_bytes"] == 2 * 4 * r["badam_block_params"] + steps
+    assert r["adamw_torch_state_bytes"] == 2 * 4 * r["model_params"] + 4 * (3 * 9 + 3)
+    assert r["badam_master_bytes"] == 0
 
 
 def test_bad_options_are_refused_with_the_fix(tmp_path):
