@@ -132,7 +132,11 @@ class GradientRebuilder:
             rec.inputs = rec.output_grad = None
             return
         x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or output.dtype != module.weight.dtype:
+        if (
+            not isinstance(x, torch.Tensor)
+            or output.dtype != module.weight.dtype
+            or "forward" in module.__dict__  # a forward patched on the instance (e.g. TRL's fp32 LM head)
+        ):
             rec.calls = 2  # autocast or an unusual call: left to autograd
             return
         rec.inputs = x.detach()

@@ -200,7 +200,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if sync:
             self.last_grad_norm = None
         if self._rebuilder is not None:
-            if record and self.clips and not getattr(self.model, "is_gradient_checkpointing", False):
+            if record and self.clips and not _checkpointing(self.model):
                 self._rebuilder.start()  # record this forward (checkpointing re-runs it: two passes)
             else:
                 self._rebuilder.finish()
@@ -387,6 +387,14 @@ def build_layerwise(
     return LayerwiseOptimizer(
         per_param, max_grad_norm=max_grad_norm, average_gradient=average_gradient, model=ctx.model
     )
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether the model recomputes its forward inside backward (activation checkpointing)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def _plain_backward(loss: torch.Tensor, **kwargs: Any) -> None:
