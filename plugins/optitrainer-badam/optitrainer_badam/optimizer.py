@@ -104,7 +104,9 @@ class BlockOptimizer(_UpstreamBlockOptimizer):
         if switch_mode == "fixed" and start_block is None:
             raise ValueError("switch_mode='fixed' trains one block only: give its index as start_block")
         self._building = True  # upstream's __init__ ends with a switch: ours runs once we are set up
-        self._generator = torch.Generator().manual_seed(int(seed))
+        #: the seed of the random block order's generator
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(self.seed)
         with warnings.catch_warnings():
             # upstream warns that fp32 weights cost memory; here fp32 weights get no master copy
             warnings.filterwarnings("ignore", message="BAdam expect model")
