@@ -88,15 +88,19 @@ def fused_backward(bctx: BackwardContext) -> float | None:
     )
 
 
-def _note_clipping(ctx: BuildContext) -> None:
+def _note_clipping(ctx: BuildContext):
+    """The model whose Linear/Embedding gradients exact clipping rebuilds, or ``None`` when not clipping."""
     clip = getattr(ctx.args, "max_grad_norm", 0.0) or 0.0
     if clip > 0:
         logger.info(
-            "optitrainer: %s with max_grad_norm=%g clips for real: each step runs two backward passes "
-            "(one measures the global gradient norm, one updates); set max_grad_norm=0 for one pass",
+            "optitrainer: %s with max_grad_norm=%g clips for real: a norm pass measures the global gradient "
+            "norm, then the update runs on Linear/Embedding gradients rebuilt from that pass (one matmul "
+            "each) and a second backward for any other parameter; set max_grad_norm=0 for one pass",
             ctx.name,
             clip,
         )
+        return ctx.model
+    return None
 
 
 def _validate(ctx: BuildContext) -> list[str]:
@@ -115,14 +119,14 @@ def _validate(ctx: BuildContext) -> list[str]:
 def _build_lomo(ctx: BuildContext):
     from .optim import Lomo
 
-    _note_clipping(ctx)
-    return Lomo(ctx.param_groups(), lr=ctx.lr, clip_grad_value=ctx.options["clip_grad_value"])
+    model = _note_clipping(ctx)
+    return Lomo(ctx.param_groups(), lr=ctx.lr, clip_grad_value=ctx.options["clip_grad_value"], model=model)
 
 
 def _build_adalomo(ctx: BuildContext):
     from .optim import AdaLomo
 
-    _note_clipping(ctx)
+    model = _note_clipping(ctx)
     o = ctx.options
     return AdaLomo(
         ctx.param_groups(),
@@ -132,6 +136,7 @@ def _build_adalomo(ctx: BuildContext):
         clip_threshold=o["clip_threshold"],
         decay_rate=o["decay_rate"],
         clip_grad_value=o["clip_grad_value"],
+        model=model,
     )
 
 

@@ -20,7 +20,11 @@ bit for bit with upstream on the same model and batches) and change the machiner
   and norms), the rest of the update is upstream's;
 * gradient-norm clipping is one call: ``fused_backward(loss, lr, max_grad_norm)`` runs upstream's
   norm pass (a first backward with ``retain_graph=True`` that only measures) and then the fused
-  update with the clipping coefficient, and returns the measured pre-clip norm;
+  update with the clipping coefficient, and returns the measured pre-clip norm. Given the model
+  (``model=``, the factories pass it when ``max_grad_norm > 0``), the update needs no second backward
+  for ``nn.Linear``/``nn.Embedding`` weights: their gradients are rebuilt bit for bit from the inputs
+  and output gradients recorded during the forward and the norm pass (``optitrainer.clipping``), vectors
+  keep their norm-pass gradient, and only the other parameters get a second backward (``inputs=``);
 * data parallelism (DDP): ``fused_backward(..., average_gradient=fn)`` calls ``fn(grad)`` in each
   hook, on the float32 copy of the gradient, before the norm pass measures it and before the update
   uses it; ``fn`` averages it across the ranks in place (the trainer passes
@@ -58,7 +62,9 @@ class FusedBackwardOptimizer(Optimizer):
     :meth:`fused_backward`.
     """
 
-    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+    def __init__(
+        self, params: Iterable[Any], defaults: dict[str, Any], model: torch.nn.Module | None = None
+    ) -> None:
         super().__init__(params, defaults)
         self.lr: float = float(defaults["lr"])  # learning rate of the running / last fused_backward
         self.step_num = 0  # number of fused updates done (AdaLomo's beta2 schedule reads it)
@@ -75,6 +81,15 @@ class FusedBackwardOptimizer(Optimizer):
                     self._handles.append(
                         p.register_post_accumulate_grad_hook(lambda q, i=index: self._on_grad(q, i))
                     )
+        #: records each forward for clipping without a second full backward (None: two passes)
+        self._rebuilder = None
+        self._kept: dict[int, torch.Tensor] | None = None  # vector gradients kept from the norm pass
+        self._norm_of: dict[int, torch.Tensor] | None = None  # id(p) -> its norm in the norm pass
+        if model is not None:
+            from optitrainer.clipping import GradientRebuilder
+
+            self._rebuilder = GradientRebuilder(model, [p for g in self.param_groups for p in g["params"]])
+            self._rebuilder.start()  # until the next fused_backward: the forward it will differentiate
 
     # -- what subclasses define -------------------------------------------------------------------
     def _scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -100,13 +115,17 @@ class FusedBackwardOptimizer(Optimizer):
             if self._mode == "norm":
                 # two backward passes: this one only measures, the next one updates
                 self._norms.append(torch.norm(grad_fp32, 2.0))
+                if self._norm_of is not None:
+                    self._norm_of[id(p)] = self._norms[-1]
+                if self._kept is not None and p.dim() <= 1:
+                    self._kept[id(p)] = grad_fp32
             else:
                 self._update(p, grad_fp32, self.param_groups[group_index])
 
-    def _backward(self, loss: torch.Tensor, mode: str) -> None:
+    def _backward(self, loss: torch.Tensor, mode: str, **kwargs: Any) -> None:
         self._mode = mode
         try:
-            self._scale_loss(loss).backward(retain_graph=mode == "norm")
+            self._scale_loss(loss).backward(**{"retain_graph": mode == "norm", **kwargs})
         finally:
             self._mode = None
 
@@ -136,6 +155,9 @@ class FusedBackwardOptimizer(Optimizer):
         self._norms = []
         with self._averaging(average_gradient):
             self._backward(loss, "norm")
+        return self._set_clip_coef(loss, max_grad_norm)
+
+    def _set_clip_coef(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         with torch.no_grad():
             if self._norms:
                 total_norm = torch.norm(torch.stack(self._norms), 2.0)
@@ -166,15 +188,63 @@ class FusedBackwardOptimizer(Optimizer):
         self.lr = float(self.param_groups[0]["lr"] if lr is None else lr)
         total_norm = None
         self.clip_coef = None
-        with self._averaging(average_gradient):
-            if max_grad_norm is not None and max_grad_norm > 0:
-                total_norm = self.grad_norm(loss, max_grad_norm)
-            self.step_num += 1
-            try:
-                self._backward(loss, "update")
-            finally:
-                self.clip_coef = None
+        clips = max_grad_norm is not None and max_grad_norm > 0
+        try:
+            with self._averaging(average_gradient):
+                if clips and self._rebuilder is not None and self._rebuilder.recording:
+                    return float(self._clip_rebuilding(loss, max_grad_norm))
+                if clips:
+                    total_norm = self.grad_norm(loss, max_grad_norm)
+                self.step_num += 1
+                try:
+                    self._backward(loss, "update")
+                finally:
+                    self.clip_coef = None
+        finally:
+            if self._rebuilder is not None:
+                self._rebuilder.start()  # the next forward
         return None if total_norm is None else float(total_norm)
+
+    def _clip_rebuilding(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+        """Norm pass, then updates on rebuilt / kept gradients; a second backward only for the rest."""
+        from optitrainer.clipping import check_rebuilt
+
+        indexed = [(i, p) for i, g in enumerate(self.param_groups) for p in g["params"] if p.requires_grad]
+        rebuilt, _, fallback = self._rebuilder.plan([p for _, p in indexed])
+        self._norms, self._kept = [], {}
+        measured: dict[int, torch.Tensor] = {}
+        self._norm_of = measured
+        try:
+            self._backward(loss, "norm", retain_graph=bool(fallback))
+        finally:
+            kept, self._kept, self._norm_of = self._kept, None, None
+        total_norm = self._set_clip_coef(loss, max_grad_norm)
+        self.step_num += 1
+        try:
+            used = [p for p in fallback if id(p) in measured]
+            if used:  # before any update: the graph saved the other weights
+                self._backward(loss, "update", inputs=used)
+            rebuilt_ids = {id(p) for p in rebuilt}
+            with torch.no_grad():
+                for index, p in indexed:
+                    if id(p) not in measured:
+                        continue  # no gradient this step: no update
+                    if id(p) in rebuilt_ids:
+                        grad = self._rebuilder.rebuild(p)
+                        if grad is not None:
+                            grad = grad.to(torch.float32)
+                            if self._average_gradient is not None:
+                                self._average_gradient(grad)
+                            self._unscale(grad)
+                        check_rebuilt(f"a {tuple(p.shape)} weight", grad, measured[id(p)])
+                    elif id(p) in kept:
+                        grad = kept.pop(id(p))
+                    else:
+                        continue  # stepped by the second backward above
+                    self._update(p, grad, self.param_groups[index])
+        finally:
+            self.clip_coef = None
+        return total_norm
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
@@ -219,6 +289,8 @@ class Lomo(FusedBackwardOptimizer):
         lr: learning rate (``fused_backward`` overrides it per step).
         weight_decay: decoupled weight decay ``p *= 1 - lr * weight_decay`` (default for groups).
         clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
+        model: the model the parameters belong to; with it, clipping rebuilds Linear/Embedding weight
+            gradients instead of running a second backward (see the module's docstring).
     """
 
     def __init__(
@@ -227,9 +299,10 @@ class Lomo(FusedBackwardOptimizer):
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         clip_grad_value: float | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         defaults = {"lr": lr, "weight_decay": weight_decay, "clip_grad_value": clip_grad_value}
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, model=model)
 
     def _update(self, p: torch.Tensor, grad_fp32: torch.Tensor, group: dict[str, Any]) -> None:
         # lomo_optim 0.1.1, Lomo.fuse_update, the non-gather branch
@@ -265,6 +338,8 @@ class AdaLomo(FusedBackwardOptimizer):
         decay_rate: ``beta2_t = 1 - t ** decay_rate``.
         weight_decay: decoupled weight decay ``p *= 1 - lr_t * weight_decay`` (default for groups).
         clip_grad_value: clamp each gradient element to ``[-v, v]`` before the update.
+        model: the model the parameters belong to; with it, clipping rebuilds Linear/Embedding weight
+            gradients instead of running a second backward (see the module's docstring).
     """
 
     def __init__(
@@ -277,6 +352,7 @@ class AdaLomo(FusedBackwardOptimizer):
         decay_rate: float = -0.8,
         weight_decay: float = 0.0,
         clip_grad_value: float | None = None,
+        model: torch.nn.Module | None = None,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -287,7 +363,7 @@ class AdaLomo(FusedBackwardOptimizer):
             "clip_grad_value": clip_grad_value,
         }
         self.loss_scale = loss_scale
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, model=model)
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state[p]
