@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-distributed-sweep demo bench lint format clean
+.PHONY: install test test-distributed-sweep demo bench bench-gpu lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo:
 
 bench:
 	$(BIN)/optitrainer bench --optim adamw_torch,adamw_torch_layerwise,galore_adamw_layerwise,adalomo --baseline transformers
+
+# on a GPU machine: a 1.1B Llama from examples/bench/llama-1b.json in bf16, the guide's optimizers against
+# transformers.Trainer, allocator peak vs floor (results and plots in bench-results/gpu-1b)
+GPU_OPTIMS ?= adamw_torch,adamw_torch_fused,adafactor,adamw_bnb_8bit,galore_adamw,galore_adamw_layerwise,apollo_adamw,apollo_adamw_layerwise,lomo,adalomo,schedule_free_adamw,grokadamw,stable_adamw
+bench-gpu:
+	$(BIN)/optitrainer bench --model examples/bench/llama-1b.json --dtype bfloat16 --device cuda --optim $(GPU_OPTIMS) --batch-size 4 --seq-len 512 --steps 10 --warmup-steps 3 --mem-steps 2 --baseline transformers --out bench-results/gpu-1b
 
 lint:
 	$(BIN)/ruff check .

@@ -116,11 +116,18 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
     names = list(dict.fromkeys(n.strip() for n in ns.optim.split(",") if n.strip()))
     if not names:
         raise ValueError("--optim: give at least one optimizer name")
-    device = ns.device
-    if device == "auto":
+    device, no_cuda = ns.device, None
+    if device == "auto" or device.startswith("cuda"):
         import torch
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif not torch.cuda.is_available():
+            # refused once the names are checked, before a child builds the model (a 1B model per run)
+            no_cuda = (
+                f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); run on a "
+                "GPU machine with a CUDA build of torch, or pass --device cpu"
+            )
     common = {
         "model": ns.model,
         "steps": ns.steps,
@@ -168,6 +175,8 @@ def plan(ns: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]]]
                 )
             else:
                 pairs.append(dict(base, trainer="transformers", trainer_optim=hf))
+    if no_cuda is not None:
+        raise ValueError(no_cuda)
     configs = []
     for r in range(max(ns.repeats, 1)):
         # odd repeats run transformers first: neither trainer always inherits the other's warm caches
