@@ -1,4 +1,8 @@
-"""``optitrainer list [--engine E]`` / ``optitrainer info NAME`` / ``optitrainer matrix`` / ``optitrainer bench ...``."""
+"""``optitrainer list`` / ``info NAME`` / ``check NAME`` / ``matrix`` / ``bench ...``.
+
+``list`` and ``info`` import neither torch nor transformers (spec modules only); ``check`` runs the
+conformance kit (:mod:`optitrainer.kit`), which trains.
+"""
 
 from __future__ import annotations
 
@@ -36,8 +40,95 @@ def _engine_key(text: str) -> str:
     return key
 
 
-def _list(console: Console, engine: str | None = None) -> int:
-    rows = REGISTRY.list()
+def _capability_matches(row, wanted: str) -> bool:
+    """``--capability``: a flag of ``optitrainer list`` (layerwise, fused-backward, train/eval…) or an engine."""
+    key = wanted.strip().lower().replace("_", "-")
+    flags = {f.replace("_", "-") for f in row.capabilities}
+    aliases = {"train-eval": "train/eval", "fused": "fused-backward", "owns-backward": "fused-backward"}
+    if aliases.get(key, key) in flags:
+        return True
+    if key in ("fp16", "gradient-accumulation", "grad-accum", "standard"):
+        spec = REGISTRY.resolve(row.name, check_installed=False).spec
+        if key == "fp16":
+            return bool(spec.capabilities.fp16)
+        if key == "standard":
+            return True
+        return bool(spec.capabilities.gradient_accumulation)
+    try:
+        engine = _engine_key(key)
+    except argparse.ArgumentTypeError:
+        return False
+    return engine in row.engines
+
+
+CAPABILITY_HELP = (
+    "only names with this capability (repeatable): layerwise, fused-backward, target-modules, train/eval, "
+    "cuda-only, fp16, gradient-accumulation, or an engine they train under (ddp, zero0..zero3, fsdp1, fsdp2)"
+)
+
+
+def _filter_rows(rows, dist: str | None, capabilities: Sequence[str], grep: str | None):
+    if dist:
+        key = dist.lower().replace("_", "-")
+        rows = [r for r in rows if r.provenance.distribution.lower().replace("_", "-") == key]
+    for cap in capabilities:
+        rows = [r for r in rows if not r.error and _capability_matches(r, cap)]
+    if grep:
+        needle = grep.lower()
+        rows = [
+            r
+            for r in rows
+            if needle in " ".join([r.name, *r.aliases, r.summary, str(r.provenance), *r.capabilities]).lower()
+        ]
+    return rows
+
+
+def _row_json(r) -> dict:
+    out = {
+        "name": r.name,
+        "distribution": r.provenance.distribution,
+        "version": r.provenance.version,
+        "aliases": list(r.aliases),
+        "summary": r.summary,
+        "installed": r.installed,
+        "requires": list(r.requires),
+        "error": r.error,
+    }
+    if r.error:
+        return out
+    spec = REGISTRY.resolve(r.name, check_installed=False).spec
+    caps = spec.capabilities
+    out.update(
+        modes=list(getattr(r, "modes", ("standard", "layerwise") if caps.layerwise else ("standard",))),
+        recommended_lr=spec.recommended_lr,
+        capabilities={
+            "layerwise": caps.layerwise,
+            "owns_backward": caps.owns_backward,
+            "needs_target_modules": caps.needs_target_modules,
+            "train_eval_modes": caps.train_eval_modes,
+            "gradient_accumulation": caps.gradient_accumulation,
+            "gradient_clipping": caps.gradient_clipping,
+            "fp16": caps.fp16,
+            "requires_cuda": caps.requires_cuda,
+            "engines": [m for m in ENGINE_MODES if m in caps.engines],
+        },
+        options=[o.name for o in spec.options],
+        transformers_name=spec.transformers_name,
+    )
+    return out
+
+
+def _list(
+    console: Console,
+    engine: str | None = None,
+    *,
+    dist: str | None = None,
+    capabilities: Sequence[str] = (),
+    grep: str | None = None,
+    fmt: str = "table",
+) -> int:
+    every = REGISTRY.list()
+    rows = _filter_rows(every, dist, capabilities, grep)
     title = "optitrainer optimizers"
     forms: dict[str, list[str]] = {}
     if engine is not None:
@@ -46,12 +137,28 @@ def _list(console: Console, engine: str | None = None) -> int:
                 forms.setdefault(row.base, []).append("layerwise" if row.layerwise else "standard")
         rows = [r for r in rows if r.name in forms]
         title += f" that train under {describe_engines(frozenset({engine}))}"
+    if fmt == "json":
+        import json
+
+        print(json.dumps([_row_json(r) for r in rows], indent=2))
+        return 0
+    if fmt == "names":
+        for r in rows:
+            print(r.name)
+        return 0
     table = Table(title=title, show_lines=False)
-    for col in ("name", "aliases", "modes / capabilities", "provided by", "installed", "summary"):
-        table.add_column(col, overflow="fold")
+    # one line per name where the terminal allows, so that 150+ names stay scannable (`optitrainer info
+    # NAME` has the rest): the summary gives way first
+    table.add_column("name", no_wrap=True)
+    table.add_column("aliases", overflow="fold", min_width=10, max_width=24)
+    table.add_column("modes / capabilities", overflow="fold", min_width=24, max_width=44)
+    table.add_column("lr", no_wrap=True, min_width=4)
+    table.add_column("provided by", overflow="fold", min_width=12, max_width=32)
+    table.add_column("installed", overflow="fold", min_width=9, max_width=32)
+    table.add_column("summary", no_wrap=True, overflow="ellipsis", min_width=20, max_width=60)
     for r in rows:
         if r.error:
-            table.add_row(r.name, "", "", str(r.provenance), "[red]broken[/red]", f"[red]{r.error}[/red]")
+            table.add_row(r.name, "", "", "", str(r.provenance), "[red]broken[/red]", f"[red]{r.error}[/red]")
             continue
         modes = ["standard"] + ([f"{LAYERWISE_SUFFIX.lstrip('_')}"] if "layerwise" in r.capabilities else [])
         if engine is not None:  # only the forms that run under the engine
@@ -62,20 +169,37 @@ def _list(console: Console, engine: str | None = None) -> int:
             if r.installed
             else f"[yellow]no[/yellow]: pip install {' '.join(r.requires)}"
         )
-        table.add_row(r.name, ", ".join(r.aliases), caps, str(r.provenance), installed, r.summary)
+        lr = getattr(r, "recommended_lr", None)
+        table.add_row(
+            r.name,
+            ", ".join(r.aliases),
+            caps,
+            f"{lr:g}" if lr else "",
+            str(r.provenance),
+            installed,
+            r.summary,
+        )
     console.print(table)
+    dists = {r.provenance.distribution for r in rows}
+    filtered = len(rows) != len(every)
+    console.print(
+        f"{len(rows)} of {len(every)} names from {len(dists)} distribution(s)"
+        + ("" if filtered else "; narrow with --dist, --capability, --grep; --format json for scripts")
+    )
     if engine is not None:
         console.print(
             f"Every other registered name is refused under {describe_engines(frozenset({engine}))} before step 1; "
             "`optitrainer info NAME` says why, `optitrainer matrix` shows every engine."
         )
         return 0
+    if filtered:
+        return 0
     registered = {r.name for r in rows} | {a for r in rows for a in r.aliases}
     missing = sorted({d for n, d in KNOWN_PLUGINS.items() if n not in registered})
     if missing:
         console.print("Plugins not installed: " + ", ".join(missing) + " (pip install <name>)")
     console.print(
-        "Any other name transformers knows (e.g. adamw_bnb_8bit) still works through transformers' own handler."
+        "Any other name transformers knows (e.g. adamw_anyprecision) still works through transformers' own handler."
     )
     return 0
 
@@ -93,6 +217,12 @@ def _info(console: Console, name: str) -> int:
         console.print("aliases: " + ", ".join(spec.aliases))
     modes = "standard" + (f", {spec.name}{LAYERWISE_SUFFIX}" if spec.capabilities.layerwise else "")
     console.print(f"modes: {modes}")
+    lr = getattr(spec, "recommended_lr", None)
+    console.print(
+        f"recommended learning rate: {lr:g}"
+        if lr
+        else "recommended learning rate: none declared (the conformance kit tries 1e-3, 1e-2, 1e-1)"
+    )
     flags = spec.capabilities.flags()
     if flags:
         console.print("capabilities: " + ", ".join(flags))
@@ -182,6 +312,67 @@ def _matrix(console: Console, names: list[str], markdown: bool, write: str | Non
     return 0
 
 
+def _check(console: Console, names: list[str], dist: str | None, every: bool, checks: str | None) -> int:
+    """Run the conformance kit; print each result as it comes, then a summary; 1 on any failure."""
+    import time
+
+    from .kit import CHECK_NAMES, FAILED, NOT_RUNNABLE, PASSED, SKIPPED, plan_for, run_plan
+
+    if not (names or dist or every):
+        console.print("[red]give optimizer names, --dist DISTRIBUTION or --all[/red]")
+        return 2
+    wanted = [c.strip() for c in checks.split(",") if c.strip()] if checks else None
+    unknown = [c for c in wanted or () if c not in (*CHECK_NAMES, "distributed")]
+    if unknown:
+        console.print(
+            f"[red]unknown check(s) {unknown}; use {', '.join((*CHECK_NAMES, 'distributed'))}[/red]"
+        )
+        return 2
+    try:
+        items, left_out = plan_for(names or None, dist=dist, checks=wanted)
+    except (OptiTrainerError, LookupError) as exc:
+        console.print(f"[red]{exc}[/red]", soft_wrap=True, highlight=False)
+        return 2
+    style = {PASSED: "green", FAILED: "red", SKIPPED: "yellow", NOT_RUNNABLE: "yellow"}
+    forms = sorted({i.case.optim for i in items})
+    console.print(f"checking {len(forms)} form(s), {len(items)} (form, check) item(s)", highlight=False)
+    for dist_name, out in left_out.items():
+        console.print(
+            f"{dist_name}: {len(out)} name(s) sampled out (OPTITRAINER_CHECK_ALL=1 checks them): {', '.join(out)}",
+            soft_wrap=True,
+            highlight=False,
+        )
+    started = time.monotonic()
+
+    def show(result) -> None:
+        color = style[result.status]
+        console.print(
+            f"[{color}]{result.status:>17}[/{color}]  {result.optim} {result.check}"
+            + (f": {result.detail}" if result.detail else ""),
+            soft_wrap=True,
+            highlight=False,
+        )
+
+    results = run_plan(items, on_result=show)
+    table = Table(title="optitrainer check")
+    table.add_column("optim=", no_wrap=True)
+    for status in (PASSED, FAILED, SKIPPED, NOT_RUNNABLE):
+        table.add_column(status, justify="right")
+    table.add_column("failed checks", overflow="fold")
+    for form in forms:
+        mine = [r for r in results if r.optim == form]
+        counts = [sum(r.status == s for r in mine) for s in (PASSED, FAILED, SKIPPED, NOT_RUNNABLE)]
+        bad = ", ".join(r.check for r in mine if r.failed)
+        table.add_row(form, *(str(c) for c in counts), f"[red]{bad}[/red]" if bad else "")
+    console.print(table)
+    failed = [r for r in results if r.failed]
+    console.print(
+        f"{len(results)} result(s) in {time.monotonic() - started:.0f}s: {len(failed)} failed",
+        highlight=False,
+    )
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -196,6 +387,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_engine_key,
         help=f"only the names that train under this distributed engine ({', '.join(ENGINE_MODES)})",
     )
+    lst.add_argument("--dist", help="only the names of this distribution (e.g. optitrainer-optimi)")
+    lst.add_argument("--capability", action="append", default=[], help=CAPABILITY_HELP)
+    lst.add_argument(
+        "--grep", help="only names whose name, aliases, summary or distribution contain this text"
+    )
+    lst.add_argument(
+        "--format", choices=("table", "json", "names"), default="table", help="json: one object per name"
+    )
     info = sub.add_parser("info", help="one optimizer's optim_args, capabilities and install hint")
     info.add_argument("name")
     matrix = sub.add_parser("matrix", help="which distributed engine each optimizer trains under")
@@ -206,11 +405,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="FILE",
         help="rewrite the markdown between <!-- matrix:start --> and <!-- matrix:end --> in FILE",
     )
+    chk = sub.add_parser(
+        "check",
+        help="run the conformance kit over installed optimizers (exit 1 on any failure)",
+        description="Run the conformance kit (docs/plugins.md) over the given names, every name of a "
+        "distribution, or every registered name (--all: large distributions are sampled unless "
+        "OPTITRAINER_CHECK_ALL=1). Each check prints passed, failed (with the finding and the fix), "
+        "skipped or not runnable here, with the reason.",
+    )
+    chk.add_argument(
+        "names", nargs="*", help="optimizer names or aliases (their _layerwise forms are checked too)"
+    )
+    chk.add_argument("--dist", help="every name of this distribution")
+    chk.add_argument("--all", action="store_true", help="every registered name (sampled; see above)")
+    chk.add_argument(
+        "--checks", help="comma-separated subset of the checks (e.g. learns,options,distributed)"
+    )
     sub.add_parser("bench", help="measure memory, speed and loss per optimizer (see `optitrainer bench -h`)")
     ns = parser.parse_args(argv)
     console = Console(width=max(Console().width, 140))
     if ns.command == "list":
-        return _list(console, ns.engine)
+        return _list(
+            console, ns.engine, dist=ns.dist, capabilities=ns.capability, grep=ns.grep, fmt=ns.format
+        )
+    if ns.command == "check":
+        return _check(console, ns.names, ns.dist, ns.all, ns.checks)
     if ns.command == "matrix":
         return _matrix(console, ns.names, ns.markdown, ns.write)
     return _info(console, ns.name)

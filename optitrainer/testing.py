@@ -182,24 +182,32 @@ class ConformanceCase:
     optim: str
     args: dict[str, Any] = field(default_factory=dict)
     skip: str | None = None
+    #: the plugin failed to load: a failure of the kit's ``imports`` check, never a skip
+    error: str | None = None
 
     def __str__(self) -> str:
         return self.optim
 
 
 def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCase]:
-    """Every registered optimizer (or ``names``), plus its ``_layerwise`` form where it has one."""
-    from .registry import LAYERWISE_SUFFIX, REGISTRY, is_installed
+    """Every registered optimizer (or ``names``), plus its ``_layerwise`` form where it has one.
 
-    if names is not None:
-        for name in names:  # a typo must fail, not check nothing: UnknownOptimizerError with suggestions
-            REGISTRY.resolve(name, check_installed=False)
+    A case is skipped only when the distributions of the spec's ``requires`` are not installed (the
+    reason gives the pip command) or it needs CUDA; a plugin that fails to load, or whose ``imports``
+    fail although its requirements are installed, is a case the kit's ``imports`` check fails.
+    """
+    from .kit.imports import missing_distributions
+    from .registry import LAYERWISE_SUFFIX, REGISTRY
+
+    wanted = None
+    if names is not None:  # a typo must fail, not check nothing: UnknownOptimizerError with suggestions
+        wanted = {REGISTRY.resolve(name, check_installed=False).spec.name for name in names} | set(names)
     cases = []
     for info in REGISTRY.list():
-        if names is not None and info.name not in names:
+        if wanted is not None and info.name not in wanted:
             continue
         if info.error:
-            cases.append(ConformanceCase(info.name, skip=f"plugin failed to load: {info.error}"))
+            cases.append(ConformanceCase(info.name, error=info.error))
             continue
         spec = REGISTRY.resolve(info.name, check_installed=False).spec
         caps = spec.capabilities
@@ -207,7 +215,10 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
         skip = None
         if caps.needs_target_modules:
             args["optim_target_modules"] = GUIDE_TARGET_MODULES
-        if not is_installed(spec):
+        if not caps.gradient_clipping:  # the trainer refuses max_grad_norm > 0 (checked by check_refusals)
+            args["max_grad_norm"] = 0.0
+        missing = missing_distributions(spec)
+        if missing:
             skip = f"upstream package not installed ({spec.pip_command()})"
         elif caps.requires_cuda and not torch.cuda.is_available():
             skip = "needs a CUDA device"
@@ -215,6 +226,39 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
         if caps.layerwise:
             cases.append(ConformanceCase(info.name + LAYERWISE_SUFFIX, args, skip))
     return cases
+
+
+def conformance_test(
+    *names: str,
+    dist: str | None = None,
+    checks: Sequence[str] | None = None,
+    known_failures: dict[str, str] | None = None,
+):
+    """The whole kit as one pytest test function, one item per (form, check)::
+
+        from optitrainer.testing import conformance_test
+        test_conformance = conformance_test("my_adam")
+
+    See :mod:`optitrainer.kit` for the checks and ``docs/plugins.md``.
+    """
+    from .kit.pytest_integration import conformance_test as make
+
+    return make(*names, dist=dist, checks=checks, known_failures=known_failures)
+
+
+def parametrize_conformance(*names: str, dist: str | None = None, checks: Sequence[str] | None = None):
+    """``pytest.mark.parametrize("conformance_item", ...)`` over the kit's (form, check) items; run each
+    with :func:`run_conformance_item`."""
+    from .kit.pytest_integration import parametrize_conformance as make
+
+    return make(*names, dist=dist, checks=checks)
+
+
+def run_conformance_item(item, tmp_path) -> None:
+    """Run one item of :func:`parametrize_conformance` as a test (fail with the finding, skip with why)."""
+    from .kit.pytest_integration import run_conformance_item as run
+
+    run(item, tmp_path)
 
 
 def check_resume(case: ConformanceCase, tmp_dir, *, steps: int = 4) -> None:
@@ -291,7 +335,12 @@ def check_refusals(case: ConformanceCase) -> None:
 
     resolved = REGISTRY.resolve(case.optim, check_installed=False)
     caps = resolved.spec.capabilities
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # real arguments: a plugin's validate_arguments may read any
+        real = vars(training_arguments(tmp, optim=case.optim, **{**case.args, "max_grad_norm": 0.0}))
     base = {
+        **real,
         "gradient_accumulation_steps": 1,
         "max_grad_norm": 0.0,
         "fp16": False,
@@ -307,6 +356,7 @@ def check_refusals(case: ConformanceCase) -> None:
 
     if not caps.requires_cuda or torch.cuda.is_available():
         assert conflicts() == [], conflicts()
+    _check_validators(resolved)
     if caps.needs_target_modules:
         assert any("optim_target_modules" in c for c in conflicts(optim_target_modules=None))
     if not caps.gradient_accumulation:
@@ -328,3 +378,39 @@ def check_refusals(case: ConformanceCase) -> None:
         assert bool(found) != (mode in supported), (mode, found)
         if found:  # the refusal names what to do
             assert "launch with" in found[0] or "train on one process" in found[0], found[0]
+
+
+def _check_validators(resolved) -> None:
+    """The plugin's ``validate_arguments`` and ``validate`` run on the kit's default setup: they return a
+    list of strings (the problems), and nothing for defaults that train."""
+    from .options import parse_optim_args
+    from .plugin import BuildContext
+
+    spec = resolved.spec
+    if spec.validate is None and spec.validate_arguments is None:
+        return
+    import tempfile
+
+    case_args = (
+        {"optim_target_modules": GUIDE_TARGET_MODULES} if spec.capabilities.needs_target_modules else {}
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        args = training_arguments(tmp, optim=resolved.name, **case_args)
+    options = parse_optim_args(spec, None)
+    for label, run in (
+        ("validate_arguments(args, options)", lambda: spec.validate_arguments(args, options)),
+        ("validate(ctx)", lambda: spec.validate(BuildContext(tiny_llama(), args, options, spec.name))),
+    ):
+        if (spec.validate_arguments if label.startswith("validate_arguments") else spec.validate) is None:
+            continue
+        try:
+            problems = run()
+        except Exception as exc:  # noqa: BLE001 - a crashing validator hides every refusal it should give
+            raise AssertionError(
+                f"{spec.name}: {label} raised {type(exc).__name__}: {exc} on the default options; a "
+                "validator returns a list of problems and never raises"
+            ) from exc
+        assert isinstance(problems, (list, tuple)) and all(isinstance(p, str) for p in problems), (
+            f"{spec.name}: {label} returned {problems!r}; it must return a list of strings (the problems)"
+        )
+        assert not problems, f"{spec.name}: {label} refuses the default options: {problems}"

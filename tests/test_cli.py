@@ -41,7 +41,9 @@ def test_info_shows_typed_options_and_defaults(cli):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "provided by: optitrainer 0.1.0" in text and "modes: standard, sgd_layerwise" in text
-    assert "momentum" in text and "float in [0, inf]" in text and "nesterov" in text and "False" in text
+    assert (
+        "momentum" in text and "finite float in [0, inf)" in text and "nesterov" in text and "False" in text
+    )
 
 
 def test_info_unknown_name_suggests_and_fails(cli):
@@ -197,5 +199,120 @@ def test_support_matrix_cells_carry_the_trainers_refusal():
 
 
 def test_info_of_a_transformers_only_name_refuses_no_engine(cli):
-    text = cli("info", "adamw_bnb_8bit").stdout
+    text = cli("info", "adamw_anyprecision").stdout
     assert "Distributed: no engine is refused; transformers decides" in text
+
+
+# --- listing many names: filters, JSON, the recommended learning rate --------------------------------
+
+
+def test_list_format_json_gives_every_name_with_its_facts(cli):
+    import json
+
+    out = cli("list", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    from optitrainer.registry import REGISTRY
+
+    assert set(rows) == set(REGISTRY.names())
+    adamw = rows["adamw_torch"]
+    assert adamw["distribution"] == "optitrainer" and adamw["version"] == "0.1.0"
+    assert adamw["modes"] == ["standard", "layerwise"] and adamw["recommended_lr"] is None
+    assert adamw["capabilities"]["engines"] == ["ddp", "zero0", "zero1", "zero2", "zero3", "fsdp1", "fsdp2"]
+    assert adamw["capabilities"]["gradient_accumulation"] is True and adamw["capabilities"]["fp16"] is True
+    lomo = rows["adalomo"]
+    assert lomo["modes"] == ["standard"] and lomo["capabilities"]["owns_backward"] is True
+    assert lomo["capabilities"]["gradient_accumulation"] is False and lomo["capabilities"]["engines"] == [
+        "ddp"
+    ]
+    assert rows["schedule_free_radam"]["aliases"] == ["schedule_free_radamw"]
+
+
+def test_list_filters_by_distribution_capability_and_text(cli):
+    def names(*argv):
+        out = cli("list", *argv, "--format", "names")
+        assert out.returncode == 0, out.stderr
+        return set(out.stdout.split())
+
+    assert names("--dist", "optitrainer-lomo") == {"lomo", "adalomo"}
+    assert names("--dist", "optitrainer_LOMO") == {"lomo", "adalomo"}
+    assert names("--capability", "fused-backward") >= {"lomo", "adalomo"}
+    assert "adamw_torch" not in names("--capability", "fused-backward")
+    layerwise = names("--capability", "layerwise")
+    assert "adamw_torch" in layerwise and "muon" not in layerwise and "adalomo" not in layerwise
+    zero3 = names("--capability", "ZeRO-3")
+    assert "adamw_torch" in zero3 and "muon" not in zero3
+    assert names("--capability", "train/eval") >= {"schedule_free_adamw", "schedule_free_sgd"}
+    assert names("--grep", "schedule-free", "--dist", "optitrainer-schedulefree") == {
+        "schedule_free_adamw",
+        "schedule_free_radam",
+        "schedule_free_sgd",
+    }
+    assert names("--capability", "layerwise", "--grep", "orthogonal") == set()
+    table = cli("list", "--dist", "optitrainer-lomo").stdout
+    assert "2 of " in table and "names from 1 distribution(s)" in table
+
+
+def test_list_stays_cheap_with_filters_and_json():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, io, contextlib\n"
+        "from optitrainer.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['list']); main(['list', '--format', 'json']); main(['list', '--capability', 'zero2', '--grep', 'adam'])\n"
+        "    main(['info', 'sgd'])\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_info_shows_the_recommended_learning_rate(cli):
+    import dataclasses
+
+    from kit_defects import specs
+
+    from optitrainer import register
+    from optitrainer.registry import REGISTRY
+
+    register(dataclasses.replace(specs.SGD_MOMENTUM, name="kd_info_lr", recommended_lr=1.0), replace=True)
+    try:
+        assert "recommended learning rate: 1" in cli("info", "kd_info_lr").stdout
+        assert "recommended learning rate: none declared" in cli("info", "sgd").stdout
+        row = next(line for line in cli("list").stdout.splitlines() if line.startswith("│ kd_info_lr "))
+        assert "│ 1 " in row
+    finally:
+        REGISTRY.unregister("kd_info_lr")
+
+
+# --- optitrainer check ----------------------------------------------------------------------------
+
+
+def test_check_unknown_name_suggests_and_fails(cli):
+    out = cli("check", "adamw_troch")
+    assert out.returncode == 2 and "Did you mean: 'adamw_torch'" in out.stdout
+    assert cli("check").returncode == 2
+    assert cli("check", "sgd", "--checks", "lerns").returncode == 2
+
+
+def test_check_prints_each_result_and_fails_on_a_defect(cli):
+    from kit_defects import specs
+
+    from optitrainer import register
+    from optitrainer.registry import REGISTRY
+
+    ok = cli("check", "sgd", "--checks", "imports,options,refusals")
+    assert ok.returncode == 0, ok.stdout
+    assert "passed  sgd options: momentum=0.5 reaches the optimizer's hyperparameters" in ok.stdout
+    assert "passed  sgd_layerwise refusals" in ok.stdout and "0 failed" in ok.stdout
+    register(specs.DEAD_OPTION, replace=True)
+    try:
+        bad = cli("check", "kd_dead_option", "--checks", "options,refusals")
+    finally:
+        REGISTRY.unregister("kd_dead_option")
+    assert bad.returncode == 1, bad.stdout
+    assert "failed  kd_dead_option options: kd_dead_option: option(s) that change nothing" in bad.stdout
+    assert "dampening (tried 0.5" in bad.stdout and "1 failed" in bad.stdout

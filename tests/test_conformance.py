@@ -1,50 +1,38 @@
-"""The conformance kit of optitrainer.testing over every registered optimizer and layerwise form."""
+"""The conformance kit (optitrainer.kit) over every registered optimizer and layerwise form.
+
+One test item per (form, check), through the same one-line integration plugin authors use. Large
+distributions are sampled (``optitrainer.kit.selection``); ``OPTITRAINER_CHECK_ALL=1`` (``make
+check-all``) checks every name, every distributed engine. The distributed items share one torchrun.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from optitrainer.testing import (
-    check_layerwise_matches_standard,
-    check_refusals,
-    check_resume,
-    check_scheduled_lr_reaches_update,
-    conformance_cases,
-)
+from optitrainer.testing import conformance_cases, conformance_test
 
-CASES = conformance_cases()
-LAYERWISE = [c for c in CASES if c.optim.endswith("_layerwise")]
+#: plugin defects the kit found, each with its fix (strict xfail: fixed -> XPASS -> drop the entry)
+KNOWN_FAILURES = {
+    form + "::options": "galore-torch 1.0's reverse_std projection crashes in project_back when the low-rank "
+    "gradient is square (rank == the weight's smaller side: k_proj 16x32 of the tiny Llama at the default "
+    "rank, capped to 16): it picks the side from low_rank_grad's shape. Fix in optitrainer-galore: subclass "
+    "GaLoreProjector, remember in project() which side was used (left iff full_rank_grad.shape[0] >= "
+    "shape[1]) and use that side in project_back() (same numbers wherever upstream does not crash)"
+    for form in ("galore_adamw", "galore_adafactor")
+}
 
-
-def _params(cases):
-    return [
-        pytest.param(c, id=c.optim, marks=[pytest.mark.skip(reason=c.skip)] if c.skip else []) for c in cases
-    ]
-
-
-@pytest.mark.parametrize("case", _params(CASES))
-def test_resume_equals_uninterrupted(case, tmp_path):
-    check_resume(case, tmp_path)
-
-
-@pytest.mark.parametrize("case", _params(CASES))
-def test_scheduled_lr_reaches_the_update(case, tmp_path):
-    check_scheduled_lr_reaches_update(case, tmp_path)
-
-
-@pytest.mark.parametrize("case", _params(LAYERWISE))
-def test_layerwise_matches_standard(case, tmp_path):
-    check_layerwise_matches_standard(case, tmp_path)
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.optim) for c in CASES])
-def test_unsupported_combinations_are_refused(case):
-    check_refusals(case)
+test_conformance = conformance_test(known_failures=KNOWN_FAILURES)
 
 
 def test_every_seed_plugin_is_covered():
-    names = {c.optim for c in CASES}
-    assert {"adamw_torch", "sgd", "muon", "adamw_torch_layerwise"} <= names
+    from optitrainer.kit import plan_for
+
+    items, _ = plan_for()
+    forms = {i.case.optim for i in items}
+    assert {"adamw_torch", "sgd", "muon", "adamw_torch_layerwise", "galore_adamw", "adalomo"} <= forms
+    checks = {i.check for i in items if i.case.optim == "adamw_torch"}
+    assert {"imports", "learns", "options", "resume", "scheduled_lr", "accumulation", "fp16"} <= checks
+    assert {"distributed:ddp", "distributed:zero2", "distributed:fsdp2"} <= checks
 
 
 def test_a_misspelled_name_fails_instead_of_checking_nothing():
@@ -53,3 +41,16 @@ def test_a_misspelled_name_fails_instead_of_checking_nothing():
     with pytest.raises(UnknownOptimizerError, match="adamw_torch"):
         conformance_cases(["adamw_troch"])
     assert [c.optim for c in conformance_cases(["sgd"])] == ["sgd", "sgd_layerwise"]
+
+
+def test_sampling_keeps_small_distributions_whole_and_is_deterministic():
+    from optitrainer.kit.selection import FULL_DISTRIBUTION_MAX, SAMPLE_SIZE, sample
+
+    big = [f"po_{i}" for i in range(90)]
+    chosen, left_out = sample({"optitrainer": ["sgd", "muon"], "small": ["a", "b"], "bridge": big})
+    assert {"sgd", "muon", "a", "b"} <= set(chosen) and len(chosen) == 4 + SAMPLE_SIZE
+    assert len(left_out["bridge"]) == 90 - SAMPLE_SIZE and "small" not in left_out
+    # a new name does not reshuffle the others: the sample only changes if the newcomer ranks in it
+    again, _ = sample({"bridge": [*big, "po_new"]})
+    assert len(set(again) & set(chosen)) >= SAMPLE_SIZE - 1
+    assert FULL_DISTRIBUTION_MAX >= 6  # every seed plugin (optimi has 6 names) is checked whole

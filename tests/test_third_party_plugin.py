@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,28 @@ def test_pip_installed_plugin_trains_by_name(installed_plugin, tmp_path):
         env={"COLUMNS": "200"},
     )
     assert "│ signum " in listing.stdout and "optitrainer-signum 0.1.0" in listing.stdout
+
+
+def test_pip_installed_plugin_passes_optitrainer_check(installed_plugin, tmp_path):
+    """The whole kit over the plugin's names, as its author (and CI) runs it: every claim exercised."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "optitrainer.cli", "check", "--dist", "optitrainer-signum"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        cwd=tmp_path,
+        timeout=900,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out[-4000:] + proc.stderr[-2000:]
+    for line in (
+        "passed  signum learns: loss",
+        "at lr 0.001",  # its recommended_lr
+        "passed  signum options: momentum=",
+        "passed  signum_layerwise layerwise_exact",
+        "passed  signum distributed:ddp: ranks identical",
+        "passed  signum_layerwise distributed:ddp: ranks identical",
+        "not runnable here  signum fp16",
+    ):
+        assert line in out, (line, out[-4000:])
+    assert " 0 failed" in out

@@ -19,6 +19,20 @@ SIGNUM = OptimizerSpec(
     factory=_build,
     summary="Signum: SGD on the sign of the momentum (1 state per parameter)",
     aliases=("signsgd_momentum",),
-    options=(Option("momentum", float, 0.9, "momentum of the averaged gradient", low=0.0, high=1.0),),
+    options=(
+        Option(
+            "momentum",
+            float,
+            0.9,
+            "momentum of the averaged gradient",
+            low=0.0,
+            high=1.0,
+            high_exclusive=True,
+        ),
+    ),
+    # elementwise and deterministic: right per parameter (layerwise) and under DDP (the default claim);
+    # `optitrainer check signum` exercises every claim
     capabilities=Capabilities(layerwise=True),
+    # a sign update moves every weight by lr: AdamW-like rates, a few times smaller than Adam's 3e-3 peak
+    recommended_lr=1e-3,
 )

@@ -1,0 +1,87 @@
+"""Which names a run checks: everything asked for, or a bounded, deterministic sample of big catalogues.
+
+``optitrainer check --all`` and the core's CI check every name of the core and of each distribution with
+at most :data:`FULL_DISTRIBUTION_MAX` names; of a larger distribution (a bridge to a catalogue of 80
+optimizers) a deterministic sample of :data:`SAMPLE_SIZE` names, picked by a hash of the name so that a
+new name does not reshuffle the others. ``OPTITRAINER_CHECK_ALL=1`` checks everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import defaultdict
+
+CHECK_ALL_ENV = "OPTITRAINER_CHECK_ALL"
+FULL_DISTRIBUTION_MAX = 8
+SAMPLE_SIZE = 4
+#: distributed runs per sampled check: one name per distribution, DDP and one ZeRO stage
+DISTRIBUTED_SAMPLE_ENGINES = ("ddp", "zero2")
+
+
+def check_all() -> bool:
+    return os.environ.get(CHECK_ALL_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def _rank(name: str) -> str:
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+def distribution_names(dist: str) -> list[str]:
+    """Every name registered by the distribution ``dist`` (case and ``-``/``_`` insensitive)."""
+    from ..registry import REGISTRY
+
+    key = dist.lower().replace("_", "-")
+    names = [r.name for r in REGISTRY.list() if r.provenance.distribution.lower().replace("_", "-") == key]
+    if not names:
+        known = sorted({r.provenance.distribution for r in REGISTRY.list()})
+        raise LookupError(
+            f"no optimizer is registered by a distribution named {dist!r}; installed: {', '.join(known)}"
+        )
+    return names
+
+
+def sample(names_by_dist: dict[str, list[str]]) -> tuple[list[str], dict[str, list[str]]]:
+    """``(selected names, {distribution: names left out})`` under the sampling rule above."""
+    selected, left_out = [], {}
+    for dist, names in sorted(names_by_dist.items()):
+        if dist == "optitrainer" or len(names) <= FULL_DISTRIBUTION_MAX:
+            selected += names
+            continue
+        keep = sorted(names, key=_rank)[:SAMPLE_SIZE]
+        selected += keep
+        left_out[dist] = sorted(set(names) - set(keep))
+    return sorted(selected), left_out
+
+
+def default_names(sampled: bool | None = None) -> tuple[list[str], dict[str, list[str]]]:
+    """Every registered name, sampled unless ``OPTITRAINER_CHECK_ALL=1`` (or ``sampled=False``)."""
+    from ..registry import REGISTRY
+
+    by_dist: dict[str, list[str]] = defaultdict(list)
+    for row in REGISTRY.list():
+        by_dist[row.provenance.distribution].append(row.name)
+    if sampled is None:
+        sampled = not check_all()
+    if not sampled:
+        return sorted(n for names in by_dist.values() for n in names), {}
+    return sample(by_dist)
+
+
+def distributed_sample(cases) -> set[tuple[str, str]]:
+    """The (form, engine) pairs a sampled run trains distributed: per distribution, its first standard
+    name (by hash) under DDP and one ZeRO stage when claimed."""
+    from ..compat import supported_engines
+    from ..registry import REGISTRY
+
+    first: dict[str, str] = {}
+    for case in sorted(cases, key=lambda c: _rank(c.optim)):
+        if case.skip or case.optim.endswith("_layerwise"):
+            continue
+        resolved = REGISTRY.resolve(case.optim, check_installed=False)
+        first.setdefault(resolved.provenance.distribution, case.optim)
+    pairs = set()
+    for optim in first.values():
+        engines = supported_engines(REGISTRY.resolve(optim, check_installed=False))
+        pairs.update((optim, e) for e in DISTRIBUTED_SAMPLE_ENGINES if e in engines)
+    return pairs
