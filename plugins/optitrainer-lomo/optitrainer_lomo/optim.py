@@ -260,6 +260,9 @@ class FusedBackwardOptimizer(Optimizer):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._rebuilder is not None:
+            self._rebuilder.close()
+            self._rebuilder = None
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
