@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import warnings
 
 import pytest
@@ -220,3 +221,25 @@ def test_capabilities_refuse_distributed_engines():
         "include_embedding",
         "include_lm_head",
     }
+
+
+@pytest.mark.skipif(
+    os.environ.get("OPTITRAINER_BADAM_DDP") != "1",
+    reason="2-process torchrun (~1 min): OPTITRAINER_BADAM_DDP=1",
+)
+@pytest.mark.parametrize("find_unused", [0, 1])
+def test_why_ddp_is_refused(tmp_path, find_unused):
+    """Under DDP the block that becomes active after the first switch is never averaged: ranks drift apart."""
+    import re
+    from pathlib import Path
+
+    from launch import torchrun
+
+    proc = torchrun(Path(__file__).parent / "ddp_probe.py", tmp_path, find_unused, timeout=300)
+    # the ranks share the launcher's output: lines may run into each other, so match numbers only
+    number = r"([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)"
+    lines = re.findall(rf"rank difference layers\.0={number} layers\.1={number}", proc.output)
+    assert len(lines) == 2, proc.output[-3000:]
+    for first_block, second_block in lines:
+        assert float(first_block) == 0.0  # registered in DDP's reducer when the model was wrapped
+        assert float(second_block) > 1e-4  # activated later: its gradients were never averaged
