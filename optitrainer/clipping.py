@@ -42,7 +42,7 @@ from torch import nn
 
 logger = logging.getLogger("optitrainer")
 
-__all__ = ["GradientRebuilder", "RebuildMismatchError"]
+__all__ = ["GradientRebuilder", "RebuildMismatchError", "activation_checkpointing", "check_rebuilt"]
 
 
 class RebuildMismatchError(RuntimeError):
@@ -94,6 +94,7 @@ class GradientRebuilder:
             if kind is None or w is None or id(w) not in wanted or users.get(id(w), 0) != 1:
                 continue
             self._records[id(w)] = self._by_module[id(module)] = _Record(module, kind)
+        self._model = model
         self._recording = False
         self._hooks = [rec.module.register_forward_hook(self._on_forward) for rec in self._records.values()]
         self._logged = False
@@ -111,9 +112,12 @@ class GradientRebuilder:
 
     # -- recording --------------------------------------------------------------------------------
     def start(self) -> None:
-        """Before the forward of a step that clips: record the covered modules' inputs and output grads."""
+        """Before the forward of a step that clips: record the covered modules' inputs and output grads.
+
+        Not under activation checkpointing: held inputs would undo it (the two-pass method runs instead).
+        """
         self.finish()
-        self._recording = True
+        self._recording = not activation_checkpointing(self._model)
 
     def finish(self) -> None:
         """Drop every record (and the tensors it holds)."""
@@ -200,6 +204,14 @@ class GradientRebuilder:
             m.scale_grad_by_freq,
             False,
         )
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether the model recomputes its forward inside backward (recorded inputs would outlive it)."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if hasattr(type(model), attr):
+            return bool(getattr(model, attr))
+    return False
 
 
 def check_rebuilt(name: str, grad: torch.Tensor | None, measured: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .clipping import GradientRebuilder, check_rebuilt
+from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
 from .plugin import BuildContext, OptimizerSpec
 
 
@@ -200,7 +200,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if sync:
             self.last_grad_norm = None
         if self._rebuilder is not None:
-            if record and self.clips and not _checkpointing(self.model):
+            if record and self.clips and not activation_checkpointing(self.model):
                 self._rebuilder.start()  # record this forward (checkpointing re-runs it: two passes)
             else:
                 self._rebuilder.finish()
@@ -387,14 +387,6 @@ def build_layerwise(
     return LayerwiseOptimizer(
         per_param, max_grad_norm=max_grad_norm, average_gradient=average_gradient, model=ctx.model
     )
-
-
-def _checkpointing(model: nn.Module) -> bool:
-    """Whether the model recomputes its forward inside backward (activation checkpointing)."""
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
-        if hasattr(type(model), attr):
-            return bool(getattr(model, attr))
-    return False
 
 
 def _plain_backward(loss: torch.Tensor, **kwargs: Any) -> None:

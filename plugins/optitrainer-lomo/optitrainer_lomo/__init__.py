@@ -73,8 +73,9 @@ def _unwrap(optimizer: torch.optim.Optimizer):
 def fused_backward(bctx: BackwardContext) -> float | None:
     """The trainer's backward pass for ``lomo``/``adalomo``: backward and update in one go.
 
-    ``max_grad_norm > 0``: a first backward pass (``retain_graph=True``) measures the global gradient
-    norm, the second one updates with the gradients clipped to it; returns the pre-clip norm.
+    ``max_grad_norm > 0``: a first backward pass measures the global gradient norm, then every
+    parameter is updated with its gradient clipped to it (rebuilt from that pass where the optimizer
+    was given the model, see :mod:`optitrainer_lomo.optim`); returns the pre-clip norm.
     ``max_grad_norm == 0``: one backward pass, no norm measured, returns ``None``.
     Each hook averages its gradient with ``bctx.average_gradient`` first (across DDP ranks; a no-op on
     one process), in both passes: the norm is that of the averaged gradient, the same on every rank.
@@ -146,8 +147,9 @@ Differences from `transformers.Trainer` (measured in the plugin's tests):
 - `weight_decay` from the training arguments is applied (transformers passes none to LOMO/AdaLomo),
   on the trainer's decay group only (not on biases and norms).
 - `max_grad_norm > 0` clips for real: a first backward pass measures the global gradient norm (logged
-  as `grad_norm`), the second one updates with clipped gradients. transformers never clips and logs
-  `grad_norm` 0.0. `max_grad_norm=0` runs one backward pass and logs no `grad_norm`.
+  as `grad_norm`), then the update runs with clipped gradients, Linear/Embedding ones rebuilt from that
+  pass (one matmul each, the same bits), the others through a second backward. transformers never
+  clips and logs `grad_norm` 0.0. `max_grad_norm=0` runs one backward pass and logs no `grad_norm`.
 - `gradient_accumulation_steps > 1`, `fp16=True`, DeepSpeed and FSDP are refused before step 1
   (transformers updates after every micro-batch under accumulation).
 - DDP trains: each hook averages its gradient across the ranks before the norm pass measures it and

@@ -89,6 +89,7 @@ class FusedBackwardOptimizer(Optimizer):
             from optitrainer.clipping import GradientRebuilder
 
             self._rebuilder = GradientRebuilder(model, [p for g in self.param_groups for p in g["params"]])
+            self._model = model
             self._rebuilder.start()  # until the next fused_backward: the forward it will differentiate
 
     # -- what subclasses define -------------------------------------------------------------------
@@ -191,7 +192,7 @@ class FusedBackwardOptimizer(Optimizer):
         clips = max_grad_norm is not None and max_grad_norm > 0
         try:
             with self._averaging(average_gradient):
-                if clips and self._rebuilder is not None and self._rebuilder.recording:
+                if clips and self._rebuilding():
                     return float(self._clip_rebuilding(loss, max_grad_norm))
                 if clips:
                     total_norm = self.grad_norm(loss, max_grad_norm)
@@ -204,6 +205,16 @@ class FusedBackwardOptimizer(Optimizer):
             if self._rebuilder is not None:
                 self._rebuilder.start()  # the next forward
         return None if total_norm is None else float(total_norm)
+
+    def _rebuilding(self) -> bool:
+        from optitrainer.clipping import activation_checkpointing
+
+        # checkpointing recomputes the forward in backward: the recorded inputs would outlive it
+        return (
+            self._rebuilder is not None
+            and self._rebuilder.recording
+            and not activation_checkpointing(self._model)
+        )
 
     def _clip_rebuilding(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         """Norm pass, then updates on rebuilt / kept gradients; a second backward only for the rest."""

@@ -42,3 +42,24 @@ def test_rebuilt_clipping_is_bit_identical_to_two_passes(cls, tied):
     assert len(autograd_grads["q"]) == len(batches)  # rebuilt: autograd computed it in the norm pass only
     # a tied embedding is shared with the head: left to a second backward, restricted to it
     assert len(autograd_grads["embed"]) == len(batches) * (2 if tied else 1)
+
+
+def test_activation_checkpointing_keeps_the_two_pass_method():
+    """Recorded inputs would outlive checkpointing's recomputation: the model is differentiated twice."""
+    batch = torch.randint(0, TINY_VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    models = [tiny_llama(), tiny_llama()]
+    for m in models:
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.train()
+    two_pass, rebuilding = (
+        Lomo(_groups(models[0]), lr=0.05),
+        Lomo(_groups(models[1]), lr=0.05, model=models[1]),
+    )
+    fired = []
+    models[1].model.layers[0].self_attn.q_proj.weight.register_post_accumulate_grad_hook(
+        lambda p: fired.append(1)
+    )
+    ref = two_pass.fused_backward(models[0](input_ids=batch, labels=batch).loss, 0.05, max_grad_norm=0.5)
+    norm = rebuilding.fused_backward(models[1](input_ids=batch, labels=batch).loss, 0.05, max_grad_norm=0.5)
+    assert norm == ref and len(fired) == 2
+    assert all(torch.equal(a, b) for a, b in zip(models[0].parameters(), models[1].parameters()))
