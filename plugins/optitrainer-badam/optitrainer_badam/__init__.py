@@ -81,9 +81,21 @@ def _build(ctx: BuildContext):
 
 
 def _argument_problems(args: Any, options: dict[str, Any]) -> list[str]:
+    problems = []
     if options.get("switch_mode") == "fixed" and options.get("start_block") is None:
-        return ["optim_args: switch_mode='fixed' trains one block only; give it, e.g. 'start_block=0'"]
-    return []
+        problems.append(
+            "optim_args: switch_mode='fixed' trains one block only; give it, e.g. 'start_block=0'"
+        )
+    given = parse_blocks(options.get("block_prefixes"))
+    flags = [k for k in ("include_embedding", "include_lm_head") if options.get(k)]
+    if given is not None and flags:
+        # upstream ignores them silently when the blocks are given
+        problems.append(
+            f"optim_args: {' and '.join(flags)} only shape the automatic blocks, and block_prefixes gives "
+            "the blocks: add the embedding's or the head's name to block_prefixes instead (e.g. "
+            "'block_prefixes=layers.0.;layers.1.;embed_tokens|lm_head|model.norm')"
+        )
+    return problems
 
 
 def _validate(ctx: BuildContext) -> list[str]:

@@ -201,6 +201,10 @@ def test_bad_options_are_refused_with_the_fix(tmp_path):
         training_arguments(tmp_path, optim="badam", optim_args="switch_mode=fixed")
     with pytest.raises(Exception, match="switch_mode"):
         training_arguments(tmp_path, optim="badam", optim_args="switch_mode=sideways")
+    with pytest.raises(Exception, match="include_lm_head only shape the automatic blocks"):
+        training_arguments(
+            tmp_path, optim="badam", optim_args="block_prefixes=layers.0., include_lm_head=True"
+        )
     args = training_arguments(tmp_path, optim="badam", optim_args="block_prefixes='layers.0.;decoder.9.|x'")
     with pytest.raises(Exception, match=r"block 1 \['decoder.9.', 'x'\] matches no trainable parameter"):
         OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset(n=8))
