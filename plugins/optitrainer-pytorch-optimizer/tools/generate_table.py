@@ -172,7 +172,7 @@ def row_of(key: str, cls, verdicts: dict) -> dict:
             continue
         opt = option_of(p, helps.get(name, ""))
         if opt is None:
-            fixed.append(f"{name}={p.default!r}")
+            fixed.append(f"{name}={_shown(p.default)}")
         else:
             options.append(opt)
     v = verdicts.get(key, {})
@@ -194,6 +194,13 @@ def row_of(key: str, cls, verdicts: dict) -> dict:
         and key not in GLOBAL_STATE
         and not key.startswith("schedulefree"),
     }
+
+
+def _shown(value) -> str:
+    """A default as the README shows it, stable across processes (no memory addresses)."""
+    if callable(value) and hasattr(value, "__qualname__"):
+        return value.__qualname__
+    return repr(value)
 
 
 def verdict_failure(v: dict) -> str | None:
