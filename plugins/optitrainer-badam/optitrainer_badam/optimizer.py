@@ -11,7 +11,8 @@ What changes, and why:
   param groups' learning rate is not restored either, so the first resumed step runs at the
   schedule's first value. Here ``state_dict()`` is torch's layout over *all* parameters (state keyed
   by their index, only the active block's present) plus a ``"badam"`` entry: active block, next
-  block, step count, the remaining random order and the state of the generator that draws it.
+  block, step count, the remaining random order, the state of the generator that draws it, and the
+  fp32 master copies of a bf16/fp16 active block (upstream rebuilds them from the rounded weights).
 * **Random order from its own generator.** Upstream draws block permutations from torch's global
   RNG, so the order depends on everything else that consumed it (dropout, samplers) and cannot be
   saved. Here a ``torch.Generator`` seeded with ``seed`` draws them (the same permutations as
@@ -269,6 +270,12 @@ class BlockOptimizer(_UpstreamBlockOptimizer):
             "num_blocks": self.block_num,
             "switch_mode": self.switch_mode,
             "switch_block_every": self.switch_block_every,
+            # bf16/fp16 weights: the fp32 master copies carry the bits the low-precision weights lost
+            "masters": {
+                index[id(lp)]: hp
+                for lp, hp in zip(self.param_idx2lp.values(), self.param_idx2hp.values())
+                if hp is not lp
+            },
         }
         return out
 
@@ -319,6 +326,11 @@ class BlockOptimizer(_UpstreamBlockOptimizer):
             state[position[id(hp)]] = value
         base["state"] = state
         self.base_optimizer.load_state_dict(base)  # torch casts the state to each parameter's device
+        with torch.no_grad():
+            for index, master in schedule.get("masters", {}).items():
+                hp = hp_of.get(id(flat[int(index)]))
+                if hp is not None and hp is not flat[int(index)]:
+                    hp.copy_(master)
 
 
 def block_problems(

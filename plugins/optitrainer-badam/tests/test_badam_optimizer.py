@@ -227,3 +227,31 @@ def test_restore_requires_grad():
     assert all(p.requires_grad for _, p in our_named)
     ours.apply_requires_grad()
     assert sum(p.requires_grad for _, p in our_named) == 3
+
+
+def test_bf16_resume_keeps_the_fp32_master_copies(tmp_path):
+    """Mid-block, the fp32 masters hold bits the bf16 weights lost: rebuilt from the weights, they differ."""
+    (_, _), (named, ours) = _pair(torch.bfloat16, switch_mode="ascending", switch_block_every=5)
+    gen = torch.Generator().manual_seed(1)
+    _step([(named, ours)], 2, gen)  # inside the first block (4 steps)
+    torch.save(ours.state_dict(), tmp_path / "opt.pt")
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    assert {v.dtype for v in sd["badam"]["masters"].values()} == {torch.float32}
+    masters = list(ours.param_idx2hp.values())
+    assert any(not torch.equal(m, lp.float()) for m, lp in zip(masters, ours.param_idx2lp.values()))
+
+    fresh = []
+    for drop_masters in (False, True):
+        (_, _), (f_named, f_opt) = _pair(torch.bfloat16, switch_mode="ascending", switch_block_every=5)
+        with torch.no_grad():
+            for (_, a), (_, b) in zip(f_named, named):
+                a.copy_(b)
+        loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+        if drop_masters:
+            loaded["badam"].pop("masters")  # what upstream's rebuild from the weights gives
+        f_opt.load_state_dict(loaded)
+        fresh.append(f_named)
+        _step([(f_named, f_opt)], 4, torch.Generator().set_state(gen.get_state()))
+    _step([(named, ours)], 4, gen)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named, fresh[0]))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(named, fresh[1]))
