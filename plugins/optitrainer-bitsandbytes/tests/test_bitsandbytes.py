@@ -66,7 +66,7 @@ NAMES = [
 ALIASES = {"adamw_8bit": "adamw_bnb_8bit", "rmsprop_bnb_32bit": "rmsprop_bnb"}
 #: what the default run checks (8-bit states, the embedding override on); OPTITRAINER_BNB_FULL=1: every name
 PARITY_SAMPLE = ["adamw_bnb_8bit", "paged_ademamix_8bit", "lion_8bit", "rmsprop_bnb_8bit"]
-LAYERWISE_SAMPLE = ["adamw_bnb_8bit", "paged_ademamix_8bit"]
+LAYERWISE_SAMPLE = ["paged_ademamix_8bit"]
 RESUME_SAMPLE = ["ademamix_8bit", "adamw_bnb_8bit_layerwise"]
 #: learning rates at which each family visibly trains the tiny model in 20 steps
 LR = {"adamw": 3e-3, "ademamix": 3e-3, "lion": 3e-4, "rmsprop": 1e-3}
