@@ -8,7 +8,8 @@
 * ``optim_args`` are typed (RMSprop's, which transformers hands to bitsandbytes as strings, and
   AdEMAMix's); bad values are refused before training with the fix;
 * ``<name>_layerwise`` == ``<name>`` bit for bit with 8-bit states (the kit's check);
-* 2N straight == N + resume + N with 8-bit states, and the checkpoint loads with ``weights_only=True``.
+* 2N straight == N + resume + N with 8-bit states, and the checkpoint loads with ``weights_only=True``;
+* under DDP (2 CPU ranks) the ranks agree, resume is exact, and one process with the same batch is matched.
 
 The default run samples the names; ``OPTITRAINER_BNB_FULL=1`` runs every name through every check.
 """
