@@ -141,14 +141,28 @@ def test_gradient_checkpointing_gives_the_same_numbers(reference, tmp_path, reen
     [
         # switch after step 2: the checkpoint lands right across the switch
         ("switch_block_every=3", 2, 5, [0, 0, 1, 1, 1]),
-        # 3 blocks (head, embedding, final norm: the third), a new block each step: new random orders drawn after resuming
+        # 3 blocks (the third: head, embedding, final norm), a new block each step: new random orders
+        # drawn after resuming
         ("switch_mode=random, switch_block_every=1, include_lm_head=True, seed=3", 2, 6, None),
+        # bf16 weights, mid-block: the fp32 master copies come from the checkpoint
+        ("switch_block_every=4, dtype=bf16", 2, 5, [0, 0, 0, 1, 1]),
     ],
-    ids=["ascending-across-switch", "random"],
+    ids=["ascending-across-switch", "random", "bf16-mid-block"],
 )
 def test_resume_equals_uninterrupted(tmp_path, optim_args, save_at, steps, schedule):
-    kw = {"optim_args": optim_args, "weight_decay": 0.1, "warmup_steps": 1}
-    full = run_training("badam", tmp_path, steps=steps, save_strategy="steps", save_steps=save_at, **kw)
+    dtype = torch.bfloat16 if optim_args.endswith(", dtype=bf16") else torch.float32
+    optim_args = optim_args.removesuffix(", dtype=bf16")
+    kw = {"optim_args": optim_args, "weight_decay": 0.1, "warmup_steps": 1, "learning_rate": 1e-2}
+    full = run_training(
+        "badam",
+        tmp_path,
+        steps=steps,
+        save_strategy="steps",
+        save_steps=save_at,
+        model=tiny_llama().to(dtype),
+        **kw,
+    )
+    kw["model"] = tiny_llama().to(dtype)
     ckpt = tmp_path / f"checkpoint-{save_at}"
     saved = torch.load(ckpt / "optimizer.pt", weights_only=True)
     assert saved["badam"]["global_step"] == save_at
@@ -160,6 +174,9 @@ def test_resume_equals_uninterrupted(tmp_path, optim_args, save_at, steps, sched
     # the schedule itself: same next block, same remaining order, same generator state
     ends = [r.trainer.optimizer.optimizer.state_dict()["badam"] for r in (resumed, full)]
     assert torch.equal(ends[0].pop("generator"), ends[1].pop("generator"))
+    masters = [e.pop("masters") for e in ends]
+    assert masters[0].keys() == masters[1].keys() and bool(masters[0]) == (dtype == torch.bfloat16)
+    assert all(torch.equal(masters[0][k], masters[1][k]) for k in masters[0])
     assert ends[0] == ends[1]
     if schedule is not None:
         assert blocks == schedule
