@@ -119,3 +119,16 @@ def test_gradient_checkpointing_uses_two_backward_passes_and_stays_exact(tmp_pat
     std = run_training("adamw_torch", tmp_path / "std", **kw)
     assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
     assert_same_run(lw, std, atol=1e-6)
+
+
+def test_clipcost_bench_steps_the_two_runs_in_turn():
+    import argparse
+
+    from optitrainer.bench.clipcost import measure
+
+    ns = argparse.Namespace(
+        model="tiny", max_grad_norm=0.5, steps=3, warmup_steps=1, batch_size=4, seq_len=16, lr=5e-3,
+        threads=1, seed=0, target_modules="all-linear", method="rebuild",
+    )  # fmt: skip
+    r = measure(ns, "adamw_torch_layerwise")
+    assert r["clipping_engaged"] and r["clipped_s"] > 0 and r["unclipped_s"] > 0
