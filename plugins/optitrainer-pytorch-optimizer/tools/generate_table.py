@@ -192,7 +192,8 @@ def row_of(key: str, cls, verdicts: dict) -> dict:
         "recommended_lr": RECOMMENDED_LR.get(key),
         "layerwise": bool(v.get("layerwise_exact"))
         and key not in GLOBAL_STATE
-        and not key.startswith("schedulefree"),
+        and not key.startswith("schedulefree")
+        and layerwise_form_failure(v) is None,
     }
 
 
@@ -201,6 +202,14 @@ def _shown(value) -> str:
     if callable(value) and hasattr(value, "__qualname__"):
         return value.__qualname__
     return repr(value)
+
+
+def layerwise_form_failure(v: dict) -> str | None:
+    """The first kit check the declared ``_layerwise`` form failed (``sweep.py --layerwise-forms``)."""
+    for check in ("refusals", "scheduled_lr", "resume"):
+        if v.get("layerwise_" + check, "pass") != "pass":
+            return f"{check}: {v['layerwise_' + check]}"
+    return None
 
 
 def verdict_failure(v: dict) -> str | None:
@@ -270,8 +279,9 @@ def readme_section(rows: list[dict], excluded: dict[str, str], verdicts: dict) -
     """Sweep results, excluded names, and every name's options (markdown)."""
     out = ["", "### Sweep results (`tools/sweep.py`, the kit's checks on the tiny Llama)", ""]
     out += [
-        "| name | refusals | scheduled lr | resume | layerwise == standard | layerwise declared |",
-        "|---|---|---|---|---|---|",
+        "| name | refusals | scheduled lr | resume | layerwise == standard "
+        "| `_layerwise` form: refusals, scheduled lr, resume | layerwise declared |",
+        "|---|---|---|---|---|---|---|",
     ]
     mark = {"pass": "pass"}
     for key, v in sorted(verdicts.items()):
@@ -281,10 +291,14 @@ def readme_section(rows: list[dict], excluded: dict[str, str], verdicts: dict) -
         declared = any(r["upstream"] == key and r["layerwise"] for r in rows)
         status = "" if any(r["upstream"] == key for r in rows) else " (excluded)"
         exact = "pass" if v.get("layerwise_exact") else "fail"
+        if "layerwise_resume" in v:
+            form = _cell(layerwise_form_failure(v) or "pass")[:90]
+        else:
+            form = "not run (not declared layerwise)"
         out.append(
             f"| `{PREFIX}{key}`{status} | "
             + " | ".join(cells)
-            + f" | {exact} | {'yes' if declared else 'no'} |"
+            + f" | {exact} | {form} | {'yes' if declared else 'no'} |"
         )
     out += ["", f"### Excluded ({len(excluded)})", "", "| pytorch_optimizer name | why |", "|---|---|"]
     out += [f"| `{k}` | {_cell(v)} |" for k, v in excluded.items()]

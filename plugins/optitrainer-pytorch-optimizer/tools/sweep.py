@@ -1,13 +1,16 @@
 """Run the conformance kit over every candidate of the table; write ``tools/sweep_results.json``.
 
     .venv/bin/python plugins/optitrainer-pytorch-optimizer/tools/sweep.py [--workers N] [NAME ...]
+    .venv/bin/python plugins/optitrainer-pytorch-optimizer/tools/sweep.py --layerwise-forms [--workers N]
 
 Each candidate (every row of the table ``generate_table.py --candidates`` writes, layerwise or not) is
 registered in this process with ``layerwise=True`` so that ``check_layerwise_matches_standard`` can try
 its ``_layerwise`` form; then ``check_resume``, ``check_scheduled_lr_reaches_update``,
 ``check_refusals`` (and the kit's ``check_learns`` where it exists) run on the standard form. The
 verdicts feed ``generate_table.py``: a failing check excludes the name, a passing exactness check
-(outside ``GLOBAL_STATE``) makes it layerwise. Names are interleaved over ``--workers`` processes.
+(outside ``GLOBAL_STATE``) makes it layerwise. ``--layerwise-forms`` then runs the kit on the
+``_layerwise`` forms the table declares; a failure there takes the form back out (regenerate after each
+pass). Names are interleaved over ``--workers`` processes.
 """
 
 from __future__ import annotations
@@ -65,14 +68,40 @@ def check_one(key: str) -> dict:
     return out
 
 
-def worker(keys: list[str], out_path: str) -> None:
+def check_layerwise_form(key: str) -> dict:
+    """The kit on ``po_<key>_layerwise`` as the table declares it (refusals, scheduled lr, resume)."""
+    from optitrainer_pytorch_optimizer import ROWS
+
+    from optitrainer import testing
+
+    row = next(r for r in ROWS if r.upstream == key)
+    (case,) = [c for c in testing.conformance_cases([row.name]) if c.optim == row.name + "_layerwise"]
+    out: dict = {}
+    for check, fn in [
+        ("refusals", lambda d: testing.check_refusals(case)),
+        ("scheduled_lr", lambda d: testing.check_scheduled_lr_reaches_update(case, d)),
+        ("resume", lambda d: testing.check_resume(case, d)),
+    ]:
+        t = time.time()
+        with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                fn(d)
+                out["layerwise_" + check] = "pass"
+            except Exception as exc:
+                out["layerwise_" + check] = "fail: " + _short(exc)
+        out[f"layerwise_{check}_s"] = round(time.time() - t, 1)
+    return out
+
+
+def worker(keys: list[str], out_path: str, forms: bool = False) -> None:
     import torch
 
     torch.set_num_threads(1)  # as the test suite: one thread per process (the machine is shared)
     with open(out_path, "a") as f:
         for key in keys:
             t = time.time()
-            verdict = check_one(key)
+            verdict = check_layerwise_form(key) if forms else check_one(key)
             verdict["total_s"] = round(time.time() - t, 1)
             f.write(json.dumps({key: verdict}) + "\n")
             f.flush()
@@ -80,19 +109,30 @@ def worker(keys: list[str], out_path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    forms = "--layerwise-forms" in argv
+    argv = [a for a in argv if a != "--layerwise-forms"]
     if argv[:1] == ["--worker"]:
-        return worker(argv[2:], argv[1])
+        return worker(argv[2:], argv[1], forms)
     workers = 1
     if argv[:1] == ["--workers"]:
         workers, argv = int(argv[1]), argv[2:]
     from optitrainer_pytorch_optimizer import ROWS
 
-    keys = argv or [r.upstream for r in ROWS]
+    keys = argv or [r.upstream for r in ROWS if r.layerwise or not forms]
     parts = [HERE / f".sweep_part{i}.jsonl" for i in range(workers)]
     for p in parts:
         p.unlink(missing_ok=True)
     procs = [
-        subprocess.Popen([sys.executable, __file__, "--worker", str(p), *keys[i::workers]])
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                str(p),
+                *keys[i::workers],
+                *(["--layerwise-forms"] if forms else []),
+            ]
+        )
         for i, p in enumerate(parts)
     ]
     for proc in procs:
@@ -100,7 +140,8 @@ def main(argv: list[str]) -> None:
     merged = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
     for p in parts:
         for line in p.read_text().splitlines():
-            merged.update(json.loads(line))
+            for key, verdict in json.loads(line).items():  # a layerwise-forms pass adds to the key's verdict
+                merged[key] = {**merged.get(key, {}), **verdict}
         p.unlink()
     from importlib.metadata import version
 
