@@ -1,6 +1,6 @@
 """Every name of the bridge through the conformance kit: ``make test-bridge-sweep``.
 
-Behind ``OPTITRAINER_BRIDGE_SWEEP=1`` (about 30 minutes on 2 cores); the default run checks a sample
+Behind ``OPTITRAINER_BRIDGE_SWEEP=1`` (587 items, about an hour of CPU time); the default run checks a sample
 (tests/test_bridge.py). The table's verdicts come from tools/sweep.py, which runs the same checks.
 """
 
