@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-distributed-sweep demo bench bench-gpu lint format clean
+.PHONY: install test test-distributed-sweep test-bridge-sweep demo bench bench-gpu lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test:
 # every registered name and layerwise form that claims DDP, through torchrun (CI runs a sample)
 test-distributed-sweep:
 	OPTITRAINER_DIST_SWEEP=1 $(BIN)/python -m pytest -q tests/test_distributed.py $(PYTEST_ARGS)
+
+# every name and layerwise form of the pytorch-optimizer bridge through the kit (CI runs a sample)
+test-bridge-sweep:
+	OPTITRAINER_BRIDGE_SWEEP=1 $(BIN)/python -m pytest -q plugins/optitrainer-pytorch-optimizer/tests/test_sweep.py $(PYTEST_ARGS)
 
 demo:
 	$(BIN)/python examples/demo.py
