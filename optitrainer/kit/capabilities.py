@@ -9,9 +9,10 @@ from pathlib import Path
 from .result import NotRunnable, Skip
 
 #: accumulation vs one bigger batch: the same sums in another order, relative to how far the weights
-#: moved (measured over 3 steps: AdamW 2.4e-8 of 1.8e-3, SGD 1.9e-9 of 1e-4); using one micro-batch's
-#: gradient instead of the sum is off by the order of the movement itself
-ACCUMULATION_RTOL = 0.01
+#: moved (measured over 3 steps: AdamW 2.4e-8 of 1.8e-3, SGD 1.9e-9 of 1e-4; Muon 3.9e-5 of 1.5e-3 = 2.6 %,
+#: its Newton-Schulz iteration runs in bfloat16 and rounds the reordering up). Stepping on one
+#: micro-batch's gradient instead of the sum is off by about half the movement.
+ACCUMULATION_RTOL = 0.05
 
 
 def _resolved(case):
