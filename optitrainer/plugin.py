@@ -39,7 +39,12 @@ if TYPE_CHECKING:  # keep this module importable without torch: listing plugins 
     from torch import nn
     from transformers import TrainingArguments
 
+    from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
+
 __all__ = [
+    "GradientRebuilder",
+    "activation_checkpointing",
+    "check_rebuilt",
     "BackwardContext",
     "BuildContext",
     "Capabilities",
@@ -48,6 +53,19 @@ __all__ = [
     "DISTRIBUTED_MODES",
     "ENGINE_MODES",
 ]
+
+#: Exact clipping for plugins that update inside backward (see :mod:`optitrainer.clipping`): public here,
+#: imported on first use so that this module stays importable without torch.
+_CLIPPING = ("GradientRebuilder", "activation_checkpointing", "check_rebuilt")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIPPING:
+        from . import clipping
+
+        return getattr(clipping, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: Every distributed engine the trainer tells apart (see :class:`optitrainer.engine.Engine`):
 #: DDP, DeepSpeed ZeRO stages 0-3, FSDP versions 1 and 2.

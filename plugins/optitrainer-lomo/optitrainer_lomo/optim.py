@@ -86,7 +86,7 @@ class FusedBackwardOptimizer(Optimizer):
         self._kept: dict[int, torch.Tensor] | None = None  # vector gradients kept from the norm pass
         self._norm_of: dict[int, torch.Tensor] | None = None  # id(p) -> its norm in the norm pass
         if model is not None:
-            from optitrainer.clipping import GradientRebuilder
+            from optitrainer.plugin import GradientRebuilder
 
             self._rebuilder = GradientRebuilder(model, [p for g in self.param_groups for p in g["params"]])
             self._model = model
@@ -207,7 +207,7 @@ class FusedBackwardOptimizer(Optimizer):
         return None if total_norm is None else float(total_norm)
 
     def _rebuilding(self) -> bool:
-        from optitrainer.clipping import activation_checkpointing
+        from optitrainer.plugin import activation_checkpointing
 
         # checkpointing recomputes the forward in backward: the recorded inputs would outlive it
         return (
@@ -218,7 +218,7 @@ class FusedBackwardOptimizer(Optimizer):
 
     def _clip_rebuilding(self, loss: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
         """Norm pass, then updates on rebuilt / kept gradients; a second backward only for the rest."""
-        from optitrainer.clipping import check_rebuilt
+        from optitrainer.plugin import check_rebuilt
 
         indexed = [(i, p) for i, g in enumerate(self.param_groups) for p in g["params"] if p.requires_grad]
         rebuilt, _, fallback = self._rebuilder.plan([p for _, p in indexed])
