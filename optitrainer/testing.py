@@ -217,6 +217,8 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
             args["optim_target_modules"] = GUIDE_TARGET_MODULES
         if not caps.gradient_clipping:  # the trainer refuses max_grad_norm > 0 (checked by check_refusals)
             args["max_grad_norm"] = 0.0
+        if spec.recommended_lr:  # the rate it is meant to run at (a plugin may refuse others)
+            args["learning_rate"] = spec.recommended_lr
         missing = missing_distributions(spec)
         if missing:
             skip = f"upstream package not installed ({spec.pip_command()})"
@@ -395,6 +397,8 @@ def _check_validators(resolved) -> None:
         {"optim_target_modules": GUIDE_TARGET_MODULES} if spec.capabilities.needs_target_modules else {}
     )
     with tempfile.TemporaryDirectory() as tmp:
+        if spec.recommended_lr:
+            case_args["learning_rate"] = spec.recommended_lr
         args = training_arguments(tmp, optim=resolved.name, **case_args)
     options = parse_optim_args(spec, None)
     for label, run in (

@@ -30,9 +30,7 @@ def check_learns(case, tmp_dir) -> str:
             case.optim,
             Path(tmp_dir) / f"lr{lr:g}",
             steps=STEPS,
-            learning_rate=lr,
-            lr_scheduler_type="constant",
-            **case.args,
+            **{**case.args, "learning_rate": lr, "lr_scheduler_type": "constant"},
         )
         first, last = _mean(run.losses[:3]), _mean(run.losses[-3:])
         if all(math.isfinite(x) for x in run.losses) and last < first * (1 - MIN_DROP):
