@@ -83,8 +83,9 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
     def _update(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Upstream's update of one parameter (apollo-torch 1.0.3), arithmetic unchanged.
 
-        Only the memory differs: upstream divides the weight-sized scaled gradient by the norm limiter
-        out of place (two weight-sized temporaries live at once); here it is divided in place.
+        Only the memory differs: upstream divides the weight-sized scaled gradient by the norm limiter,
+        and the first moment by the denominator, out of place (two weight-sized temporaries live at
+        once); here both divisions write over their temporary.
         """
         grad = p.grad
         if grad.is_sparse:
@@ -111,7 +112,7 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
             bias_correction1 = 1.0 - beta1 ** state["step"]
             bias_correction2 = 1.0 - beta2 ** state["step"]
             step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
-        norm_grad = exp_avg / denom
+        norm_grad = torch.div(exp_avg, denom, out=denom)  # upstream: exp_avg / denom, a second temporary
         if "rank" in group:
             if group["scale_type"] == "channel":
                 grad_scaling_factor = torch.norm(norm_grad, dim=norm_dim) / (

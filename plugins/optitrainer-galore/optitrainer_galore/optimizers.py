@@ -11,8 +11,9 @@ keeps the full ``min(m, n) x n`` factor alive in the optimizer state (a 768 x 76
 result out of place (two weight-sized temporaries per update). :class:`LeanProjector` keeps a compact
 copy of the slice, with the slice's memory order, and scales in place: same numbers, bit for bit.
 
-The subclasses below leave ``step`` untouched (the update's numbers are upstream's, bit for bit), give
-new parameters a :class:`LeanProjector`, and change the serialized form: ``state_dict()`` replaces the projector by its orthogonal matrix
+The subclasses below keep upstream's update bit for bit (``GaLoreAdamW`` runs a copy of upstream's
+``step`` whose one change is an ``out=`` division, see :class:`_LeanAdamWStep`), give new parameters a
+:class:`LeanProjector`, and change the serialized form: ``state_dict()`` replaces the projector by its orthogonal matrix
 (a tensor; a ``[left, right]`` pair for ``proj_type='full'``) under :data:`ORTHO_KEY`, and
 ``load_state_dict()`` rebuilds the projector from that matrix and the group's
 ``rank``/``update_proj_gap``/``scale``/``proj_type`` (which the checkpoint also holds). The
@@ -21,6 +22,7 @@ projector's only other attribute, ``verbose``, is unused upstream.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,7 +121,60 @@ class _PlainProjectorState:
                 param_state["projector"] = projector
 
 
-class GaLoreAdamW(_PlainProjectorState, _UpstreamAdamW):
+class _LeanAdamWStep:
+    """galore-torch 1.0's ``GaLoreAdamW.step``, arithmetic unchanged, one weight-sized temporary.
+
+    Upstream computes ``exp_avg / denom`` into a new tensor while ``denom`` is alive: for a weight it
+    does not project (embeddings) that is two weight-sized temporaries; here the quotient overwrites
+    ``denom`` (``out=``), bit for bit the same values.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError(
+                        "Adam does not support sparse gradients, please consider SparseAdam instead"
+                    )
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                if "rank" in group:
+                    if "projector" not in state:
+                        state["projector"] = _projector(group)
+                    grad = state["projector"].project(grad, state["step"])
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                beta1, beta2 = group["betas"]
+                state["step"] += 1
+                exp_avg.mul_(beta1).add_(grad, alpha=(1.0 - beta1))
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                denom = exp_avg_sq.sqrt().add_(group["eps"])
+                step_size = group["lr"]
+                if group["correct_bias"]:
+                    bias_correction1 = 1.0 - beta1 ** state["step"]
+                    bias_correction2 = 1.0 - beta2 ** state["step"]
+                    step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
+                norm_grad = torch.div(exp_avg, denom, out=denom)
+                if "rank" in group:
+                    norm_grad = state["projector"].project_back(norm_grad)
+                p.add_(norm_grad, alpha=-step_size)
+                if group["weight_decay"] > 0.0:
+                    p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
+        return loss
+
+
+class GaLoreAdamW(_PlainProjectorState, _LeanAdamWStep, _UpstreamAdamW):
     """``galore_torch.GaLoreAdamW`` whose checkpoint loads with ``weights_only=True``."""
 
     def __init__(self, params, **kwargs: Any) -> None:

@@ -409,12 +409,18 @@ class AdaLomo(FusedBackwardOptimizer):
         if self.step_num == 0 and decay_rate < 0:  # upstream's guard against 0 ** negative
             decay_rate = -decay_rate
         beta2t = 1.0 - math.pow(self.step_num, decay_rate)
-        update = (grad_fp32**2) + eps[0]
+        # upstream's arithmetic with one gradient-sized temporary instead of three at a time:
+        # ``grad**2 + eps`` in place, and the factored estimate written over it (``out=``)
+        update = grad_fp32.square().add_(eps[0])
         if p.dim() > 1:
             row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
             row.mul_(beta2t).add_(update.mean(dim=-1), alpha=1.0 - beta2t)
             col.mul_(beta2t).add_(update.mean(dim=-2), alpha=1.0 - beta2t)
-            update = Upstream._approx_sq_grad(row, col)
+            r_factor = (
+                (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            )  # Upstream._approx_sq_grad
+            c_factor = col.unsqueeze(-2).rsqrt()
+            torch.mul(r_factor, c_factor, out=update)
             update.mul_(grad_fp32)
         else:
             exp_avg_sq = state["exp_avg_sq"]
