@@ -34,9 +34,31 @@ KNOWN_PLUGINS: dict[str, str] = {
         ["schedule_free_adamw", "schedule_free_radam", "schedule_free_sgd", "schedule_free_radamw"],
         "optitrainer-schedulefree",
     ),
-    **dict.fromkeys(["stable_adamw", "lion", "adan", "ranger"], "optitrainer-optimi"),
+    **dict.fromkeys(
+        ["stable_adamw", "optimi_stable_adamw", "optimi_adamw", "optimi_adan", "optimi_lion", "optimi_radam"]
+        + ["optimi_ranger", "lion", "adan", "ranger"],
+        "optitrainer-optimi",
+    ),
     "grokadamw": "optitrainer-grokadamw",
+    **dict.fromkeys(
+        ["adamw_bnb_8bit", "adamw_8bit", "ademamix", "ademamix_8bit", "lion_32bit", "lion_8bit"]
+        + ["paged_adamw_32bit", "paged_adamw_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit"]
+        + ["paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"],
+        "optitrainer-bitsandbytes",
+    ),
+    "adam_mini": "optitrainer-adam-mini",
+    "badam": "optitrainer-badam",
+    **dict.fromkeys(["prodigy", "prodigyopt"], "optitrainer-prodigy"),
 }
+#: Name prefixes of plugin families: every ``po_<name>`` comes from the pytorch-optimizer bridge.
+KNOWN_PREFIXES: dict[str, str] = {"po_": "optitrainer-pytorch-optimizer"}
+
+
+def known_distribution(name: str) -> str | None:
+    """The plugin distribution of this project that provides ``name``, if one does."""
+    if name in KNOWN_PLUGINS:
+        return KNOWN_PLUGINS[name]
+    return next((dist for prefix, dist in KNOWN_PREFIXES.items() if name.startswith(prefix)), None)
 
 
 @dataclass(frozen=True)
@@ -348,8 +370,8 @@ class Registry:
         base = name[: -len(LAYERWISE_SUFFIX)] if name.endswith(LAYERWISE_SUFFIX) else name
         close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.6)
         lines = [f"unknown optimizer optim={name!r}."]
-        if base in KNOWN_PLUGINS and base not in candidates - set(KNOWN_PLUGINS):
-            dist = KNOWN_PLUGINS[base]
+        dist = known_distribution(base)
+        if dist is not None and base not in candidates - set(KNOWN_PLUGINS):
             lines.append(
                 f"It is provided by the plugin distribution {dist!r}, which is not installed: pip install {dist}"
             )

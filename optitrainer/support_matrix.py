@@ -130,25 +130,51 @@ def _engine_list(modes: Iterable[str]) -> str:
     return describe_engines(frozenset(modes)).replace("DeepSpeed ", "")
 
 
-def render_markdown(rows: list[SupportRow]) -> str:
-    """A markdown table (✓ trains correctly, ✗ refused before step 1) and the reasons for every ✗."""
+def _units(rows: list[SupportRow], collapse_above: int | None) -> list[tuple[str, SupportRow]]:
+    """``(label, row)`` per table line: a distribution with more forms than ``collapse_above`` gets one
+    line per distinct set of cells (``first`` … ``last`` (N forms of dist)), the others one per form."""
+    per_dist: dict[str, list[SupportRow]] = {}
+    for row in rows:
+        per_dist.setdefault(row.provenance.distribution, []).append(row)
+    units, done = [], set()
+    for row in rows:
+        dist = row.provenance.distribution
+        group = per_dist[dist]
+        if collapse_above is None or len(group) <= collapse_above or row.error:
+            units.append((f"`{row.name}`", row))
+            continue
+        key = (dist, tuple(sorted(row.engines)))
+        if key in done:
+            continue
+        done.add(key)
+        same = [r for r in group if not r.error and tuple(sorted(r.engines)) == key[1]]
+        units.append((f"`{same[0].name}` … `{same[-1].name}` ({len(same)} forms of {dist})", row))
+    return units
+
+
+def render_markdown(rows: list[SupportRow], collapse_above: int | None = 20) -> str:
+    """A markdown table (✓ trains correctly, ✗ refused before step 1) and the reasons for every ✗.
+
+    A distribution with more than ``collapse_above`` forms (a bridge to a whole catalogue) is shown as
+    one line per distinct row of cells; ``None`` lists every form.
+    """
     header = ["`optim=`", *ENGINE_LABELS.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *[":---:"] * len(ENGINE_LABELS)]) + "|"]
     # why -> engines refused for that reason -> the forms refused there
     reasons: dict[str, dict[str, list[str]]] = {}
-    for row in rows:
+    for label, row in _units(rows, collapse_above):
         if row.error:
-            lines.append(f"| `{row.name}` | " + " | ".join(["?"] * len(ENGINE_LABELS)) + " |")
+            lines.append(f"| {label} | " + " | ".join(["?"] * len(ENGINE_LABELS)) + " |")
             continue
         cells = [YES if row.cells[m].supported else NO for m in ENGINE_MODES]
-        lines.append(f"| `{row.name}` | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
         by_why: dict[str, list[str]] = {}
         for mode in ENGINE_MODES:
             cell = row.cells[mode]
             if not cell.supported:
                 by_why.setdefault(_reason_key(cell), []).append(mode)
         for why, modes in by_why.items():
-            reasons.setdefault(why, {}).setdefault(_engine_list(modes), []).append(f"`{row.name}`")
+            reasons.setdefault(why, {}).setdefault(_engine_list(modes), []).append(label)
     out = "\n".join(lines) + "\n"
     broken = [r for r in rows if r.error]
     if reasons or broken:
