@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
 PYTEST_ARGS ?=
 
-.PHONY: install test test-distributed-sweep test-bridge-sweep demo bench bench-gpu lint format clean
+.PHONY: install test check-all test-distributed-sweep test-bridge-sweep demo bench bench-gpu lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ install: $(BIN)/python
 
 test:
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the conformance kit over every registered name and form (CI checks the core, every small distribution
+# in full and a sample of the large ones)
+check-all:
+	OPTITRAINER_CHECK_ALL=1 $(BIN)/python -m pytest -q tests/test_conformance.py $(PYTEST_ARGS)
 
 # every registered name and layerwise form that claims DDP, through torchrun (CI runs a sample)
 test-distributed-sweep:

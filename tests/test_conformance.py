@@ -12,19 +12,9 @@ import pytest
 from optitrainer.testing import conformance_cases, conformance_test
 
 #: plugin defects the kit found, each with its fix (strict xfail: fixed -> XPASS -> drop the entry)
-KNOWN_FAILURES = {
-    form + "::options": "galore-torch 1.0's reverse_std projection crashes in project_back when the low-rank "
-    "gradient is square (rank == the weight's smaller side: k_proj 16x32 of the tiny Llama at the default "
-    "rank, capped to 16): it picks the side from low_rank_grad's shape. Fix in optitrainer-galore: subclass "
-    "GaLoreProjector, remember in project() which side was used (left iff full_rank_grad.shape[0] >= "
-    "shape[1]) and use that side in project_back() (same numbers wherever upstream does not crash)"
-    for form in ("galore_adamw", "galore_adafactor")
-}
-KNOWN_FAILURES["prodigy::options"] = (
-    "optitrainer-prodigy's fsdp_in_use option: validate_arguments refuses its only non-default value (True: "
-    "FSDP/ZeRO are refused), so it can change nothing. Fix: drop the option from the spec (pass "
-    "fsdp_in_use=False in the factory), or set it from the engine instead of from optim_args"
-)
+#: plugin defects the kit found, as strict xfails (none open: galore's reverse_std crash and prodigy's
+#: option that could change nothing were fixed in their plugins)
+KNOWN_FAILURES: dict[str, str] = {}
 
 test_conformance = conformance_test(known_failures=KNOWN_FAILURES)
 

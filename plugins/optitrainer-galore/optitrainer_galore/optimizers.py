@@ -58,14 +58,24 @@ class LeanProjector(GaLoreProjector):
             return [compact(m) for m in ortho]
         return compact(ortho)
 
+    def project(self, full_rank_grad, iter):
+        self._tall = full_rank_grad.shape[0] >= full_rank_grad.shape[1]
+        return super().project(full_rank_grad, iter)
+
     def project_back(self, low_rank_grad):
-        # upstream's choice of product, then ``* scale`` in place instead of into a second full matrix
-        ortho, rows, cols = self.ortho_matrix, *low_rank_grad.shape
+        # the side project() used, then ``* scale`` in place instead of into a second full matrix.
+        # Upstream picks the side from low_rank_grad's shape, which is the same side except for a square
+        # low-rank gradient under reverse_std (rank == a wide weight's rows), where it crashes.
+        ortho, tall = self.ortho_matrix, getattr(self, "_tall", None)
+        if tall is None:  # project() not called on this object: upstream's rule
+            tall = low_rank_grad.shape[0] >= low_rank_grad.shape[1]
+            if self.proj_type == "reverse_std":
+                tall = low_rank_grad.shape[0] <= low_rank_grad.shape[1]
         if self.proj_type == "full":
             full_rank_grad = torch.matmul(ortho[0], low_rank_grad) @ ortho[1]
-        elif self.proj_type == "right" or (self.proj_type == "std" and rows >= cols):
+        elif self.proj_type == "right" or (self.proj_type == "std" and tall):
             full_rank_grad = torch.matmul(low_rank_grad, ortho)
-        elif self.proj_type == "reverse_std" and rows > cols:
+        elif self.proj_type == "reverse_std" and not tall:
             full_rank_grad = torch.matmul(low_rank_grad, ortho)
         elif self.proj_type in ("left", "std", "reverse_std"):
             full_rank_grad = torch.matmul(ortho, low_rank_grad)

@@ -516,3 +516,26 @@ def test_state_and_checkpoint_keep_only_the_rank_r_factor(proj_type):
     torch.save([lean.state[p]["projector"].ortho_matrix for p in projected], saved)
     torch.save([upstream.state[p]["projector"].ortho_matrix for p in up_projected], up_saved)
     assert saved.getbuffer().nbytes < up_saved.getbuffer().nbytes
+
+
+def test_reverse_std_with_a_square_low_rank_gradient_trains_where_upstream_crashes():
+    """A wide weight with rank == its rows: the low-rank gradient is square and upstream's project_back
+    picks the wrong side (a shape error); ours uses the side project() used."""
+    import galore_torch
+    from optitrainer_galore import optimizers as ours
+
+    def make(cls, **kw):
+        g = torch.Generator().manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(4, 10, generator=g))
+        group = {"params": [w], "rank": 4, "update_proj_gap": 5, "scale": 0.25, "proj_type": "reverse_std"}
+        return w, cls([group], lr=1e-2, **kw)
+
+    w_up, upstream = make(galore_torch.GaLoreAdamW, no_deprecation_warning=True)
+    w_up.grad = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied|size mismatch|must match"):
+        upstream.step()
+    w, lean = make(ours.GaLoreAdamW)
+    before = w.detach().clone()
+    w.grad = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    lean.step()
+    assert torch.isfinite(w).all() and not torch.equal(w, before)

@@ -45,12 +45,6 @@ def _validate_arguments(args: Any, options: dict[str, Any]) -> list[str]:
             f"Set learning_rate={RECOMMENDED_LEARNING_RATE:g}; to take smaller or larger steps change "
             "optim_args 'd_coef' (e.g. d_coef=0.5) instead"
         )
-    if options.get("fsdp_in_use"):
-        problems.append(
-            "optim_args fsdp_in_use=True: it all-reduces Prodigy's sums over sharded parameters, which "
-            "only FSDP needs, and FSDP/ZeRO are refused for prodigy; under DDP every rank already holds "
-            "whole parameters and the averaged gradient. Remove fsdp_in_use"
-        )
     return problems
 
 
@@ -106,12 +100,6 @@ PRODIGY = OptimizerSpec(
             1,
             "estimate d from every p-th element of each tensor (less memory; >1 approximates Prodigy, ~11 works)",
             low=1,
-        ),
-        Option(
-            "fsdp_in_use",
-            bool,
-            False,
-            "all-reduce d's sums across ranks for sharded parameters; refused (FSDP/ZeRO are not supported)",
         ),
     ),
     capabilities=Capabilities(

@@ -26,7 +26,7 @@ def build(ctx: BuildContext):
             d0=o["d0"],
             d_coef=o["d_coef"],
             growth_rate=float("inf") if o["growth_rate"] is None else o["growth_rate"],
-            fsdp_in_use=o["fsdp_in_use"],
+            fsdp_in_use=False,  # FSDP/ZeRO are refused; under DDP every rank holds whole parameters
             slice_p=o["slice_p"],
         )
 

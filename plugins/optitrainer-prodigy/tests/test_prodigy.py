@@ -6,7 +6,7 @@
 * recommended learning rate 1.0; a learning rate that makes it a no-op is refused when the arguments
   are built (measured: the transformers default 5e-5 does not move the loss, 1.0 does);
 * its step-size estimate d lives in the param groups: checkpointed, resumed exactly, logged;
-* no layerwise form (d is global), fsdp_in_use refused.
+* no layerwise form (d is global); fsdp_in_use is not an option (always False).
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ import transformers
 from transformers import Trainer, TrainingArguments
 
 import optitrainer
-from optitrainer import IncompatibleConfigError, OptiTrainingArguments, UnknownOptimizerError
+from optitrainer import (
+    IncompatibleConfigError,
+    InvalidOptimArgsError,
+    OptiTrainingArguments,
+    UnknownOptimizerError,
+)
 from optitrainer.testing import (
     ConformanceCase,
     SyntheticLMDataset,
@@ -59,8 +64,9 @@ def test_every_constructor_argument_is_an_option_or_a_training_argument_with_ups
 
     upstream = {k: p.default for k, p in inspect.signature(Prodigy).parameters.items()}
     from_training_arguments = {"params", "lr", "betas", "eps", "weight_decay"}
+    fixed = {"fsdp_in_use"}  # False: FSDP/ZeRO are refused, and DDP needs no all-reduce of its sums
     options = {o.name: o.default for o in optitrainer.get_optimizer("prodigy").spec.options}
-    assert set(upstream) == from_training_arguments | set(options)
+    assert set(upstream) == from_training_arguments | fixed | set(options)
     # growth_rate=None stands for upstream's inf (options must be finite)
     assert {k: (float("inf") if k == "growth_rate" and v is None else v) for k, v in options.items()} == {
         k: upstream[k] for k in options
@@ -86,8 +92,8 @@ def test_the_transformers_default_learning_rate_is_refused_naming_the_fix(optim)
     OptiTrainingArguments(output_dir="unused", optim=optim, learning_rate=1.0, use_cpu=True)
 
 
-def test_fsdp_in_use_is_refused():
-    with pytest.raises(IncompatibleConfigError, match="fsdp_in_use=True.*Remove fsdp_in_use"):
+def test_fsdp_in_use_is_not_an_option():
+    with pytest.raises(InvalidOptimArgsError, match="unknown key 'fsdp_in_use'"):
         OptiTrainingArguments(
             output_dir="unused",
             optim="prodigy",
