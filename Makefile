@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/optitrainer-*))
 PYTEST_ARGS ?=
 
-.PHONY: install test check-all test-distributed-sweep test-bridge-sweep demo bench bench-gpu lint format clean
+.PHONY: install test check-all test-distributed-sweep test-bridge-sweep test-bnb-full demo bench bench-gpu lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-distributed-sweep:
 # every name and layerwise form of the pytorch-optimizer bridge through the kit (CI runs a sample)
 test-bridge-sweep:
 	OPTITRAINER_BRIDGE_SWEEP=1 $(BIN)/python -m pytest -q plugins/optitrainer-pytorch-optimizer/tests/test_sweep.py $(PYTEST_ARGS)
+
+# every bitsandbytes name through parity with transformers, layerwise, resume and DDP (CI runs a sample)
+test-bnb-full:
+	OPTITRAINER_BNB_FULL=1 $(BIN)/python -m pytest -q plugins/optitrainer-bitsandbytes $(PYTEST_ARGS)
 
 demo:
 	$(BIN)/python examples/demo.py
