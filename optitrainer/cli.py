@@ -192,6 +192,8 @@ def _list(
             "`optitrainer info NAME` says why, `optitrainer matrix` shows every engine."
         )
         return 0
+    for problem in REGISTRY.problems():  # names or aliases claimed twice, plugins that failed to load
+        console.print(f"[yellow]warning:[/yellow] {problem}")
     if filtered:
         return 0
     registered = {r.name for r in rows} | {a for r in rows for a in r.aliases}

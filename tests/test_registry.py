@@ -282,3 +282,21 @@ def test_importing_the_plugin_api_and_listing_import_neither_torch_nor_transform
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.strip()) >= len(BUILTINS)
+
+
+def test_optitrainer_list_reports_alias_clashes(fake_dists, capsys):
+    from optitrainer import cli
+
+    fake_dists(
+        "fake-gamma",
+        "1.0",
+        {"fakeplug_gamma": "fakeplug_gamma:SPEC"},
+        {"fakeplug_gamma": plugin_source(("SPEC", "fakeplug_gamma", "aliases=('adamw_torch',)"))},
+    )
+    registry_mod.REGISTRY.refresh()
+    try:
+        assert cli.main(["list"]) == 0
+    finally:
+        registry_mod.REGISTRY.refresh()
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning:" in out and "alias 'adamw_torch' of 'fakeplug_gamma' (fake-gamma 1.0)" in out
