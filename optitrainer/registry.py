@@ -1,7 +1,9 @@
 """Find optimizer plugins through the ``optitrainer.optimizers`` entry-point group.
 
-Discovery reads entry-point metadata only; a plugin's spec module is imported when its name is
-looked up or listed, and the upstream optimizer package only when the optimizer is built.
+The first lookup or listing imports every plugin's spec module (cheap: by contract they import
+neither torch nor their upstream package) to index names and aliases, so that a name or alias claimed
+twice is found whichever is asked for; the upstream optimizer package is imported only when the
+optimizer is built.
 """
 
 from __future__ import annotations
