@@ -373,7 +373,12 @@ class Registry:
         close = difflib.get_close_matches(name, sorted(candidates), n=3, cutoff=0.6)
         lines = [f"unknown optimizer optim={name!r}."]
         dist = known_distribution(base)
-        if dist is not None and base not in candidates - set(KNOWN_PLUGINS):
+        installed = {_normalize(prov.distribution) for _, prov, _ in loaded.values()}
+        if (
+            dist is not None
+            and base not in candidates - set(KNOWN_PLUGINS)
+            and _normalize(dist) not in installed
+        ):
             lines.append(
                 f"It is provided by the plugin distribution {dist!r}, which is not installed: pip install {dist}"
             )

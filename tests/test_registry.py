@@ -300,3 +300,14 @@ def test_optitrainer_list_reports_alias_clashes(fake_dists, capsys):
         registry_mod.REGISTRY.refresh()
     out = " ".join(capsys.readouterr().out.split())
     assert "warning:" in out and "alias 'adamw_torch' of 'fakeplug_gamma' (fake-gamma 1.0)" in out
+
+
+def test_install_hint_names_the_family_of_a_prefixed_name_only_when_it_is_missing(monkeypatch):
+    reg = Registry()
+    with pytest.raises(UnknownOptimizerError) as err:
+        reg.resolve("po_not_a_real_optimizer")
+    installed = any(r.provenance.distribution == "optitrainer-pytorch-optimizer" for r in reg.list())
+    assert ("pip install optitrainer-pytorch-optimizer" in str(err.value)) is not installed
+    monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")  # only the core: the bridge counts as not installed
+    with pytest.raises(UnknownOptimizerError, match="pip install optitrainer-pytorch-optimizer"):
+        Registry().resolve("po_adabelief")
