@@ -318,7 +318,7 @@ class Registry:
         if claims:
             if len({n for n, _ in claims}) > 1:
                 raise PluginLoadError(index.alias_problems()[name])
-            return index.specs[claims[0][0]]
+            return self._find(claims[0][0])  # the canonical name's own checks (claimed twice?) apply
         return None
 
     def resolve(self, requested: str, *, check_installed: bool = True) -> ResolvedOptimizer:

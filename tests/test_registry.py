@@ -72,12 +72,14 @@ def test_layerwise_suffix_is_a_mode_of_capable_optimizers():
 
 
 def test_duplicate_names_from_two_distributions_are_reported_by_name(fake_dists):
-    src = plugin_source(("SPEC", "fakeplug_dup", ""))
+    src = plugin_source(("SPEC", "fakeplug_dup", "aliases=('fp_dup',)"))
     fake_dists("fake-one", "1.0", {"fakeplug_dup": "fakeplug_one:SPEC"}, {"fakeplug_one": src})
     fake_dists("fake-two", "1.0", {"fakeplug_dup": "fakeplug_two:SPEC"}, {"fakeplug_two": src})
     reg = Registry()
     with pytest.raises(PluginLoadError) as err:
         reg.resolve("fakeplug_dup")
+    with pytest.raises(PluginLoadError, match="more than one distribution"):
+        reg.resolve("fp_dup")  # its alias: not silently the first distribution's
     msg = str(err.value)
     assert "fake-one 1.0" in msg and "fake-two 1.0" in msg and "uninstall" in msg
     row = next(r for r in reg.list() if r.name == "fakeplug_dup")
