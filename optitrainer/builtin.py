@@ -21,6 +21,11 @@ def _adamw(ctx: BuildContext, fused: bool = False):
     kwargs = {"lr": ctx.lr, **ctx.adam_kwargs()}
     if fused:
         kwargs["fused"] = True
+    elif ctx.layerwise:
+        # The for-each form divides its denominator in place: one parameter-sized temporary where the
+        # per-tensor form (torch's default on CPU) holds two, which sets the layerwise engine's peak.
+        # Same operations in the same order, so the numbers are bit-identical (tests/test_builtin_parity.py).
+        kwargs["foreach"] = True
     return AdamW(ctx.param_groups(), **kwargs)
 
 

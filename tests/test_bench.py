@@ -93,6 +93,15 @@ def test_layerwise_keeps_at_most_the_largest_gradient_alive(tmp_path, optim, sta
     assert out["state_bytes_end_tracked"] == state  # found inside the per-parameter optimizers
 
 
+def test_layerwise_adamw_step_holds_at_most_one_parameter_sized_temporary(tmp_path):
+    # the same activations as SGD's (no state, no temporaries), so what AdamW adds beyond them at the
+    # peak is its step's temporaries: the denominator, divided in place (torch's per-tensor form: two)
+    sgd = _tracked("sgd_layerwise", tmp_path / "sgd", batch_size=1, seq_len=4, mem_steps=2)
+    adamw = _tracked("adamw_torch_layerwise", tmp_path / "adamw", batch_size=1, seq_len=4, mem_steps=2)
+    extra = adamw["breakdown_at_peak"]["other"] - sgd["breakdown_at_peak"]["other"]
+    assert 0 < extra <= LARGEST * F32
+
+
 def test_floor_counts_the_gradients_each_method_needs():
     sizes = memory.model_sizes(tiny_llama())
     standard = memory.analytic_floor(sizes, ADAMW_STATE_BYTES, memory.GRADS_ALL)
