@@ -137,3 +137,19 @@ def test_cli_refuses_an_unknown_name_before_running_anything(tmp_path, capsys):
     assert bench_main(["--optim", "adamw_torhc", "--out", str(tmp_path / "x")]) == 2
     assert "adamw_torch" in capsys.readouterr().out  # the closest name
     assert not (tmp_path / "x").exists()
+
+
+def test_clip_cost_prints_the_clipped_over_unclipped_ratio(capsys):
+    argv = ["--clip-cost", "--optim", "lomo", "--max-grad-norm", "0.5", "--steps", "3", "--warmup-steps", "1"]
+    assert bench_main([*argv, "--batch-size", "2", "--seq-len", "8", "--lr", "5e-3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:4] == ["optimizer", "clipped", "ms", "unclipped"] for line in lines)
+    row = next(line for line in lines if line.startswith("lomo "))
+    name, clipped_ms, plain_ms, ratio, _pairwise, engaged = row.split()
+    assert name == "lomo" and engaged == "True"  # the norm exceeded 0.5: the clipped run did clip
+    assert float(ratio) == pytest.approx(float(clipped_ms) / float(plain_ms), rel=1e-2)
+
+
+def test_clip_cost_refuses_what_it_does_not_measure(capsys):
+    assert bench_main(["--clip-cost", "--optim", "lomo", "--dtype", "bfloat16"]) == 2
+    assert "float32 on the CPU" in capsys.readouterr().out

@@ -92,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=None, help="seconds before a run is killed")
     p.add_argument("--out", default="bench-results", help="output directory (default: bench-results)")
+    p.add_argument(
+        "--clip-cost",
+        action="store_true",
+        help="instead: what exact clipping costs, per optimizer: a run clipped at --max-grad-norm (1 if 0) "
+        "and an unclipped run stepping in turn in one process; prints their step-time ratio",
+    )
     return p
 
 
@@ -245,6 +251,8 @@ def _meta(ns: argparse.Namespace, argv: Sequence[str], runs: list[dict[str, Any]
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = _parser().parse_args(argv)
+    if ns.clip_cost:
+        return _clip_cost(ns)
     # a terminal keeps its width; a file or pipe gets the whole table on one line per row
     console = Console() if sys.stdout.isatty() else Console(width=220)
     try:
@@ -273,6 +281,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print("wrote " + ", ".join(str(p) for p in written))
     failed = [r for r in runs if r["trainer"] == "optitrainer" and not r.get("ok")]
     return 1 if failed else 0
+
+
+def _clip_cost(ns: argparse.Namespace) -> int:
+    """``--clip-cost``: the same-process comparison of :mod:`optitrainer.bench.clipcost`."""
+    from . import clipcost
+
+    if (
+        ns.device not in ("auto", "cpu")
+        or ns.dtype != "float32"
+        or ns.grad_accum != 1
+        or ns.baseline != "none"
+    ):
+        print("optitrainer bench --clip-cost: runs float32 on the CPU, without accumulation or a baseline")
+        return 2
+    argv = ["--optim", ns.optim, "--model", ns.model, "--max-grad-norm", str(ns.max_grad_norm or 1.0)]
+    argv += ["--steps", str(ns.steps), "--warmup-steps", str(ns.warmup_steps)]
+    argv += ["--batch-size", str(ns.batch_size), "--seq-len", str(ns.seq_len), "--lr", str(ns.lr)]
+    argv += ["--threads", str(ns.threads or 1), "--seed", str(ns.seed), "--target-modules", ns.target_modules]
+    return clipcost.main(argv)
 
 
 def _in_order(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
