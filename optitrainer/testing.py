@@ -166,6 +166,45 @@ def assert_learns(result: RunResult, *, min_drop: float = 0.05) -> None:
     assert last < first * (1 - min_drop), f"loss did not drop: {first:.4f} -> {last:.4f}"
 
 
+def step_temporaries_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Peak bytes of the tensors one ``optimizer.step()`` allocates besides the weights, gradients and state.
+
+    Call it with the gradients set. The state's tensors are found in ``optimizer.state`` through
+    dicts, lists and object attributes (e.g. a projector's matrix). A step after the first measures
+    the steady state (the first one also creates the state). CPU tensors only.
+    """
+    from .bench.memory import LiveTensorTracker
+
+    existing: list[torch.Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            existing += [p] if p.grad is None else [p, p.grad]
+    _collect_tensors(optimizer.state, existing, set())
+    tracker = LiveTensorTracker("cpu").start(existing=existing)
+    base = tracker.current
+    try:
+        optimizer.step()
+    finally:
+        tracker.stop()
+    return tracker.peak - base
+
+
+def _collect_tensors(obj: Any, out: list[torch.Tensor], seen: set[int]) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _collect_tensors(v, out, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _collect_tensors(v, out, seen)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        _collect_tensors(vars(obj), out, seen)
+
+
 def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs)
 

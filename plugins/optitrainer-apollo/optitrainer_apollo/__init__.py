@@ -176,7 +176,8 @@ def _build(ctx: BuildContext):
     seed_of = _seed_layout(ctx, {n for n, _ in targets})
     name_of = {id(p): n for n, p in ctx.named_parameters()}
     seeds = [seed_of[name_of[id(p)]] for g in groups for p in g["params"]]
-    return APOLLOAdamW(groups, lr=ctx.lr, seeds=seeds, **ctx.adam_kwargs())
+    # layerwise: the engine frees each gradient after its step, so the update may overwrite it
+    return APOLLOAdamW(groups, lr=ctx.lr, seeds=seeds, gradient_is_scratch=ctx.layerwise, **ctx.adam_kwargs())
 
 
 CAPABILITIES = Capabilities(

@@ -50,12 +50,22 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
             ``scale_type``, ``scale``, ``update_proj_gap`` and ``proj_type``.
         seeds: the projection seed of each parameter, in the order of the flattened param groups
             (``None``: upstream's seeds, the 1-based positions).
+        gradient_is_scratch: the caller frees each gradient right after the step (the layerwise
+            engine), so the update may scale the gradient in place instead of into a weight-sized copy.
         **kwargs: upstream's (``lr``, ``betas``, ``eps``, ``weight_decay``, ``correct_bias``,
             ``scale_front``, ``disable_nl``).
     """
 
-    def __init__(self, params, *, seeds: Sequence[int] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        params,
+        *,
+        seeds: Sequence[int] | None = None,
+        gradient_is_scratch: bool = False,
+        **kwargs: Any,
+    ):
         super().__init__(params, **kwargs)
+        self.gradient_is_scratch = gradient_is_scratch
         if seeds is not None:
             flat = [p for g in self.param_groups for p in g["params"]]
             if len(seeds) != len(flat):
@@ -85,7 +95,8 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
 
         Only the memory differs: upstream divides the weight-sized scaled gradient by the norm limiter,
         and the first moment by the denominator, out of place (two weight-sized temporaries live at
-        once); here both divisions write over their temporary.
+        once); here both divisions write over their temporary, and with ``gradient_is_scratch`` the
+        scaled gradient is the gradient itself (no weight-sized temporary at all).
         """
         grad = p.grad
         if grad.is_sparse:
@@ -122,7 +133,11 @@ class APOLLOAdamW(_UpstreamAPOLLOAdamW):
                     grad_scaling_factor = grad_scaling_factor.unsqueeze(1)
             elif group["scale_type"] == "tensor":
                 grad_scaling_factor = torch.norm(norm_grad) / (torch.norm(grad) + 1e-8)
-            scaled_grad = p.grad * grad_scaling_factor
+            if self.gradient_is_scratch and torch.result_type(p.grad, grad_scaling_factor) == p.grad.dtype:
+                # the same product, written over the gradient it reads
+                scaled_grad = p.grad.mul_(grad_scaling_factor)
+            else:
+                scaled_grad = p.grad * grad_scaling_factor
             if self.scale_front:
                 scaled_grad *= np.sqrt(group["scale"])
             if not self.disable_nl:

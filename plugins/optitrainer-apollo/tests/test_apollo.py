@@ -25,6 +25,7 @@ from optitrainer.testing import (
     assert_same_run,
     max_param_diff,
     run_training,
+    step_temporaries_bytes,
     tiny_llama,
     training_arguments,
 )
@@ -277,6 +278,35 @@ def test_subclass_updates_equal_upstream_and_survive_a_weights_only_round_trip(t
     torch.save(ref.state_dict(), tmp_path / "ref.pt")
     with pytest.raises(pickle.UnpicklingError):
         torch.load(tmp_path / "ref.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("scale_type", ["channel", "tensor"])
+def test_layerwise_update_scales_the_gradient_in_place_with_upstreams_numbers(scale_type):
+    # the layerwise engine frees each gradient after its step: the scaled gradient may overwrite it
+    torch.manual_seed(0)
+    weight, grads = torch.randn(512, 128), [torch.randn(512, 128) for _ in range(3)]
+    apollo = {"rank": 8, "proj": "random", "scale_type": scale_type, "scale": 1.0, "update_proj_gap": 200}
+    result, temporaries = {}, {}
+    for kind in ("upstream", "ours", "scratch"):
+        p = torch.nn.Parameter(weight.clone())
+        groups = [{"params": [p], "proj_type": "std", **apollo}]
+        if kind == "upstream":
+            opt = UpstreamAPOLLOAdamW(groups, lr=1e-2, weight_decay=0.1)
+        else:
+            opt = APOLLOAdamW(groups, lr=1e-2, weight_decay=0.1, gradient_is_scratch=kind == "scratch")
+        for g in grads:
+            p.grad = g.clone()
+            if kind == "upstream":
+                opt.step()
+            else:
+                temporaries[kind] = step_temporaries_bytes(opt)
+        result[kind] = p.detach().clone()
+    assert torch.equal(result["ours"], result["upstream"]) and torch.equal(
+        result["scratch"], result["upstream"]
+    )
+    weight_bytes = weight.numel() * weight.element_size()
+    assert temporaries["ours"] >= weight_bytes  # the scaled gradient, a weight-sized copy
+    assert temporaries["scratch"] <= weight_bytes // 4  # the rank-8 moments' temporaries only
 
 
 def test_step_closure_runs_with_gradients():

@@ -83,7 +83,13 @@ def _galore_options(ctx: BuildContext) -> dict[str, Any]:
 def _build_adamw(ctx: BuildContext):
     from .optimizers import GaLoreAdamW
 
-    return GaLoreAdamW(galore_param_groups(ctx, _galore_options(ctx)), lr=ctx.lr, **ctx.adam_kwargs())
+    # layerwise: the engine frees each gradient after its step, so the update may overwrite it
+    return GaLoreAdamW(
+        galore_param_groups(ctx, _galore_options(ctx)),
+        lr=ctx.lr,
+        gradient_is_scratch=ctx.layerwise,
+        **ctx.adam_kwargs(),
+    )
 
 
 def _build_adamw_8bit(ctx: BuildContext):

@@ -62,10 +62,12 @@ class LeanProjector(GaLoreProjector):
         self._tall = full_rank_grad.shape[0] >= full_rank_grad.shape[1]
         return super().project(full_rank_grad, iter)
 
-    def project_back(self, low_rank_grad):
+    def project_back(self, low_rank_grad, out=None):
         # the side project() used, then ``* scale`` in place instead of into a second full matrix.
         # Upstream picks the side from low_rank_grad's shape, which is the same side except for a square
         # low-rank gradient under reverse_std (rank == a wide weight's rows), where it crashes.
+        # ``out``: a full-size buffer the one-matmul projections write into (the gradient, when the
+        # caller frees it after the step) instead of a new weight-sized matrix.
         ortho, tall = self.ortho_matrix, getattr(self, "_tall", None)
         if tall is None:  # project() not called on this object: upstream's rule
             tall = low_rank_grad.shape[0] >= low_rank_grad.shape[1]
@@ -74,14 +76,28 @@ class LeanProjector(GaLoreProjector):
         if self.proj_type == "full":
             full_rank_grad = torch.matmul(ortho[0], low_rank_grad) @ ortho[1]
         elif self.proj_type == "right" or (self.proj_type == "std" and tall):
-            full_rank_grad = torch.matmul(low_rank_grad, ortho)
+            full_rank_grad = _matmul(low_rank_grad, ortho, out)
         elif self.proj_type == "reverse_std" and not tall:
-            full_rank_grad = torch.matmul(low_rank_grad, ortho)
+            full_rank_grad = _matmul(low_rank_grad, ortho, out)
         elif self.proj_type in ("left", "std", "reverse_std"):
-            full_rank_grad = torch.matmul(ortho, low_rank_grad)
+            full_rank_grad = _matmul(ortho, low_rank_grad, out)
         else:
             return super().project_back(low_rank_grad)
         return full_rank_grad.mul_(self.scale)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``a @ b``, written into ``out`` when it has the product's shape, dtype and (contiguous) layout."""
+    if (
+        out is not None
+        and a.dim() == b.dim() == 2
+        and out.shape == (a.shape[0], b.shape[1])
+        and out.dtype == torch.result_type(a, b)
+        and out.device == a.device
+        and out.is_contiguous()
+    ):
+        return torch.mm(a, b, out=out)
+    return torch.matmul(a, b)
 
 
 def _projector(group: dict[str, Any]) -> LeanProjector:
@@ -132,12 +148,16 @@ class _PlainProjectorState:
 
 
 class _LeanAdamWStep:
-    """galore-torch 1.0's ``GaLoreAdamW.step``, arithmetic unchanged, one weight-sized temporary.
+    """galore-torch 1.0's ``GaLoreAdamW.step``, arithmetic unchanged, at most one weight-sized temporary.
 
     Upstream computes ``exp_avg / denom`` into a new tensor while ``denom`` is alive: for a weight it
     does not project (embeddings) that is two weight-sized temporaries; here the quotient overwrites
-    ``denom`` (``out=``), bit for bit the same values.
+    ``denom`` (``out=``), bit for bit the same values. With ``gradient_is_scratch`` (the layerwise
+    engine frees each gradient after its step) a projected weight's full-size update is written over
+    its gradient, which the projection has consumed: no weight-sized temporary.
     """
+
+    gradient_is_scratch = False
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -177,7 +197,8 @@ class _LeanAdamWStep:
                     step_size = step_size * math.sqrt(bias_correction2) / bias_correction1
                 norm_grad = torch.div(exp_avg, denom, out=denom)
                 if "rank" in group:
-                    norm_grad = state["projector"].project_back(norm_grad)
+                    scratch = p.grad if self.gradient_is_scratch else None
+                    norm_grad = state["projector"].project_back(norm_grad, out=scratch)
                 p.add_(norm_grad, alpha=-step_size)
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=(-group["lr"] * group["weight_decay"]))
@@ -187,9 +208,10 @@ class _LeanAdamWStep:
 class GaLoreAdamW(_PlainProjectorState, _LeanAdamWStep, _UpstreamAdamW):
     """``galore_torch.GaLoreAdamW`` whose checkpoint loads with ``weights_only=True``."""
 
-    def __init__(self, params, **kwargs: Any) -> None:
+    def __init__(self, params, gradient_is_scratch: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("no_deprecation_warning", True)  # upstream warns once per instance otherwise
         super().__init__(params, **kwargs)
+        self.gradient_is_scratch = gradient_is_scratch
 
 
 class GaLoreAdafactor(_PlainProjectorState, _UpstreamAdafactor):

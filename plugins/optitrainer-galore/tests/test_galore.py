@@ -27,6 +27,7 @@ from optitrainer.testing import (
     assert_same_run,
     max_param_diff,
     run_training,
+    step_temporaries_bytes,
     tiny_llama,
     training_arguments,
 )
@@ -539,3 +540,23 @@ def test_reverse_std_with_a_square_low_rank_gradient_trains_where_upstream_crash
     w.grad = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
     lean.step()
     assert torch.isfinite(w).all() and not torch.equal(w, before)
+
+
+def test_layerwise_update_of_a_projected_weight_needs_no_weight_sized_temporary():
+    from optitrainer_galore.optimizers import GaLoreAdamW
+
+    torch.manual_seed(0)
+    weight, grads = torch.randn(512, 128), [torch.randn(512, 128) for _ in range(3)]
+    result, temporaries = {}, {}
+    for scratch in (False, True):  # True: what the layerwise engine builds (it frees the gradient after)
+        p = torch.nn.Parameter(weight.clone())
+        group = {"params": [p], "rank": 8, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+        opt = GaLoreAdamW([group], lr=1e-2, weight_decay=0.1, gradient_is_scratch=scratch)
+        for g in grads:  # the first step computes the SVD; the others are the steady state
+            p.grad = g.clone()
+            temporaries[scratch] = step_temporaries_bytes(opt)
+        result[scratch] = p.detach().clone()
+    weight_bytes = weight.numel() * weight.element_size()
+    assert temporaries[False] >= weight_bytes  # the full-size update, allocated
+    assert temporaries[True] <= weight_bytes // 4  # only the rank-8 moments' temporaries
+    assert torch.equal(result[True], result[False])  # written over the gradient: the same numbers
