@@ -153,3 +153,32 @@ def test_clip_cost_prints_the_clipped_over_unclipped_ratio(capsys):
 def test_clip_cost_refuses_what_it_does_not_measure(capsys):
     assert bench_main(["--clip-cost", "--optim", "lomo", "--dtype", "bfloat16"]) == 2
     assert "float32 on the CPU" in capsys.readouterr().out
+
+
+def _run(optim: str, rss_delta: int, floor: int, trainer: str = "optitrainer") -> dict:
+    return {
+        "optim": optim,
+        "trainer": trainer,
+        "ok": True,
+        "memory": {"rss_delta_bytes": rss_delta},
+        "floor": {"total": floor},
+    }
+
+
+def test_rss_over_floor_subtracts_what_plain_sgd_holds_beyond_its_floor():
+    from optitrainer.bench.report import calibrate_rss
+
+    # sgd: 300 resident bytes beyond its weights and gradients (libraries, allocator slack)
+    runs = [
+        _run("sgd", 1300, 1000),
+        _run("adalomo", 900, 500),
+        _run("sgd", 1500, 1000, trainer="transformers"),
+    ]
+    runs.append(_run("lomo", 800, 500, trainer="transformers"))
+    calibrate_rss(runs)
+    assert runs[0]["rss_over_floor"] == 1.0
+    assert runs[1]["rss_over_floor"] == (900 - 300) / 500
+    assert runs[3]["rss_over_floor"] == (800 - 500) / 500  # each trainer calibrated by its own sgd run
+    alone = [_run("adalomo", 900, 500)]
+    calibrate_rss(alone)
+    assert "rss_over_floor" not in alone[0]  # no sgd run: nothing to calibrate with

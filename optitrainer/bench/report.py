@@ -39,7 +39,27 @@ def summarize(runs: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any
                 "repeat_spread": _max(_spread(ours), _spread(theirs)),
             }
         )
+    calibrate_rss(runs)
     return {"meta": meta, "runs": runs, "comparisons": comparisons, "targets": targets(runs, comparisons)}
+
+
+def calibrate_rss(runs: list[dict[str, Any]]) -> None:
+    """Add ``rss_over_floor`` to each run when a plain ``sgd`` run of the same trainer is among them.
+
+    The resident set holds more than tensors (libraries, Python, the allocator's slack). Plain SGD has
+    no state and no temporaries, and its floor (weights + every gradient) is its tracked peak, so its
+    RSS delta minus its floor is that overhead; each run's RSS delta minus it, over the run's floor, is
+    the resident-memory counterpart of peak/floor (fragmentation shows up here, not in the tracker).
+    """
+    overhead = {
+        r["trainer"]: r["memory"]["rss_delta_bytes"] - r["floor"]["total"]
+        for r in runs
+        if r["optim"] == "sgd" and r.get("ok") and _get(r, "memory", "rss_delta_bytes") is not None
+    }
+    for r in runs:
+        base, rss = overhead.get(r["trainer"]), _get(r, "memory", "rss_delta_bytes")
+        if r.get("ok") and base is not None and rss is not None and _get(r, "floor", "total"):
+            r["rss_over_floor"] = (rss - base) / r["floor"]["total"]
 
 
 def targets(runs: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -55,6 +75,10 @@ def targets(runs: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> li
         if r.get("max_grads_over_largest_param") is not None:
             out.append(
                 _check(r["optim"], "max grad bytes / largest param", r["max_grads_over_largest_param"], 1.0)
+            )
+        if r.get("rss_over_floor") is not None:
+            out.append(
+                _check(r["optim"], "RSS / floor (sgd-calibrated)", r["rss_over_floor"], MAX_PEAK_OVER_FLOOR)
             )
         if r.get("peak_over_floor") is not None:
             check = _check(r["optim"], "peak / floor", r["peak_over_floor"], MAX_PEAK_OVER_FLOOR)
@@ -134,6 +158,7 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
         "floor",
         "peak/floor",
         "RSS Δ",
+        "RSS/floor",
     ):
         left = col in ("optimizer", "trainer")
         table.add_column(col, justify="left" if left else "right", no_wrap=left)
@@ -144,7 +169,11 @@ def print_table(console: Console, summary: dict[str, Any]) -> None:
             table.add_row(r["optim"], r["trainer"], what)
             notes.append(f"{r['optim']} [{r['trainer']}]: {r.get('error', 'failed')}")
             continue
-        table.add_row(*_run_cells(r, ratio_fmt=".2f"), human_bytes(r["memory"].get("rss_delta_bytes")))
+        table.add_row(
+            *_run_cells(r, ratio_fmt=".2f"),
+            human_bytes(r["memory"].get("rss_delta_bytes")),
+            _fmt(r.get("rss_over_floor"), ".2f"),
+        )
     console.print(table)
     for note in notes:
         console.print(f"  {note}", markup=False)
@@ -216,6 +245,7 @@ CSV_FIELDS = (
     "largest_param_bytes",
     "rss_peak_bytes",
     "rss_delta_bytes",
+    "rss_over_floor",
     "time_ratio_vs_transformers",
     "memory_ratio_vs_transformers",
 )
@@ -245,6 +275,7 @@ def csv_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
                 largest_param_bytes=r["model"]["largest_param_bytes"],
                 rss_peak_bytes=mem["rss_peak_bytes"],
                 rss_delta_bytes=mem["rss_delta_bytes"],
+                rss_over_floor=r.get("rss_over_floor"),
             )
         if r["trainer"] == "optitrainer" and r["optim"] in ratios:
             row["time_ratio_vs_transformers"] = ratios[r["optim"]]["time_ratio"]
@@ -298,15 +329,16 @@ def markdown(summary: dict[str, Any]) -> str:
     lines += [
         "",
         "| optimizer | trainer | step ms | tok/s | final loss | peak | params | grads@peak | state | other "
-        "| max grads | floor | peak/floor |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| max grads | floor | peak/floor | RSS Δ | RSS/floor |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary["runs"]:
         if not r.get("ok"):
             why = "n/a" if r.get("skipped") else "failed"
-            lines.append(f"| {r['optim']} | {r['trainer']} | {why}: {r.get('error', '')} |" + " |" * 10)
+            lines.append(f"| {r['optim']} | {r['trainer']} | {why}: {r.get('error', '')} |" + " |" * 12)
             continue
-        lines.append("| " + " | ".join(_run_cells(r, ratio_fmt=".3f")) + " |")
+        rss = [human_bytes(r["memory"].get("rss_delta_bytes")), _fmt(r.get("rss_over_floor"), ".3f")]
+        lines.append("| " + " | ".join([*_run_cells(r, ratio_fmt=".3f"), *rss]) + " |")
     if summary["comparisons"]:
         lines += [
             "",
