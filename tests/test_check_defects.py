@@ -122,6 +122,14 @@ def test_accumulation_must_equal_the_bigger_batch(registered, tmp_path):
     assert ok.status == PASSED, ok
 
 
+def test_accumulation_allows_what_the_update_makes_of_rounding_and_says_so(tmp_path):
+    # AdaMuon orthogonalises then normalises per element: one rounding step on each gradient moves the
+    # weights by a fifth of their movement, so reordered sums cannot agree to 5 %; the kit measures that
+    pytest.importorskip("pytorch_optimizer")
+    result = check("po_adamuon", "accumulation", tmp_path=tmp_path)[("po_adamuon", "accumulation")]
+    assert result.status == PASSED and "amplifies rounding" in result.detail, result
+
+
 def test_fp16_is_not_passed_where_it_cannot_run(tmp_path):
     import torch
 
