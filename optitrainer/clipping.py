@@ -18,8 +18,12 @@ What is not rebuilt:
 * one-dimensional parameters (norm weights, biases): their gradients are kept from the norm pass
   (their total size is the sum of the model's vectors, a small fraction of one weight matrix);
 * anything else (other layer types, a module called more than once per step, tied weights, a
-  subclass with its own ``forward``, a weight used under autocast): a second backward restricted to
-  those parameters (``backward(inputs=...)``), i.e. the two-pass method for them only. Logged once.
+  subclass with its own ``forward``): a second backward restricted to those parameters
+  (``backward(inputs=...)``), i.e. the two-pass method for them only. Logged once.
+
+Under autocast (bf16/fp16 mixed precision) a ``Linear`` multiplies in the autocast dtype: its input is
+recorded cast as autocast casts it (one copy shared by the modules that read the same input), the
+gradient is rebuilt in that dtype and cast to the weight's, as autograd's cast backward does.
 
 Memory: the output gradients of the covered modules are kept from the norm pass until their weight
 is rebuilt (the inputs are activations autograd keeps anyway): at most one activation-sized tensor
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +61,7 @@ class _Record:
     calls: int = 0
     inputs: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
+    cast: bool = False  # multiplied in the autocast dtype: the gradient is cast back to the weight's
     handles: list[Any] = field(default_factory=list)
 
 
@@ -96,6 +102,8 @@ class GradientRebuilder:
             self._records[id(w)] = self._by_module[id(module)] = _Record(module, kind)
         self._model = model
         self._recording = False
+        #: id(input) -> (weakref to it, its autocast copy): q/k/v read one input, record one copy
+        self._casts: dict[int, tuple[Any, torch.Tensor]] = {}
         self._hooks = [rec.module.register_forward_hook(self._on_forward) for rec in self._records.values()]
         self._logged = False
 
@@ -122,8 +130,9 @@ class GradientRebuilder:
     def finish(self) -> None:
         """Drop every record (and the tensors it holds)."""
         self._recording = False
+        self._casts.clear()
         for rec in self._records.values():
-            rec.calls, rec.inputs, rec.output_grad = 0, None, None
+            rec.calls, rec.inputs, rec.output_grad, rec.cast = 0, None, None, False
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._recording or not torch.is_grad_enabled():
@@ -136,19 +145,31 @@ class GradientRebuilder:
             rec.inputs = rec.output_grad = None
             return
         x = args[0] if args else None
+        cast = output.dtype != module.weight.dtype
         if (
             not isinstance(x, torch.Tensor)
-            or output.dtype != module.weight.dtype
+            or (cast and not (rec.kind == "linear" and _autocast_dtype(output) == output.dtype))
             or "forward" in module.__dict__  # a forward patched on the instance (e.g. TRL's fp32 LM head)
         ):
-            rec.calls = 2  # autocast or an unusual call: left to autograd
+            rec.calls = 2  # an unusual call: left to autograd
             return
-        rec.inputs = x.detach()
+        rec.cast = cast
+        rec.inputs = self._autocast_copy(x.detach(), output.dtype) if cast else x.detach()
 
         def keep(grad: torch.Tensor, rec: _Record = rec) -> None:
             rec.output_grad = grad
 
         output.register_hook(keep)
+
+    def _autocast_copy(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` as autocast hands it to the matmul (``x.to(dtype)``), one copy per input tensor."""
+        if x.dtype == dtype:
+            return x
+        ref, copy = self._casts.get(id(x), (None, None))
+        if ref is None or ref() is not x:
+            copy = x.to(dtype)
+            self._casts[id(x)] = (weakref.ref(x), copy)
+        return copy
 
     # -- after the forward -------------------------------------------------------------------------
     def plan(
@@ -194,7 +215,8 @@ class GradientRebuilder:
             return None
         if rec.kind == "linear":
             # autograd's mm_mat2_backward for the transposed weight: grad.t().mm(mat1), already (out, in)
-            return torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+            grad = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+            return grad.to(weight.dtype) if rec.cast else grad
         m = rec.module
         return torch.ops.aten.embedding_backward(
             dy,
@@ -204,6 +226,14 @@ class GradientRebuilder:
             m.scale_grad_by_freq,
             False,
         )
+
+
+def _autocast_dtype(output: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on ``output``'s device, or ``None`` when autocast is off there."""
+    device = output.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
 
 
 def activation_checkpointing(model: nn.Module) -> bool:

@@ -23,6 +23,20 @@ class TwoPassTrainer(OptiTrainer):
         return optimizer
 
 
+class TwoPassFusedTrainer(OptiTrainer):
+    """A fused-backward optimizer (LOMO) without its rebuilder: two backward passes (the reference)."""
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        inner = optimizer
+        while hasattr(inner, "optimizer") and not hasattr(inner, "_rebuilder"):
+            inner = inner.optimizer
+        assert inner._rebuilder is not None
+        inner._rebuilder.close()
+        inner._rebuilder = None
+        return optimizer
+
+
 def _count_weight_gradients(model: nn.Module, name: str) -> list[int]:
     """How many times autograd produced ``name``'s gradient (1 per step: no second backward for it)."""
     fired: list[int] = []
@@ -132,3 +146,22 @@ def test_clipcost_bench_steps_the_two_runs_in_turn():
     )  # fmt: skip
     r = measure(ns, "adamw_torch_layerwise")
     assert r["clipping_engaged"] and r["clipped_s"] > 0 and r["unclipped_s"] > 0
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch_layerwise", "lomo"])
+def test_under_bf16_autocast_linear_gradients_are_rebuilt_bit_identically(optim, tmp_path):
+    # mixed precision: float32 weights, matmuls in bfloat16 (the usual GPU setup; CPU autocast here)
+    kw = {**KW, "bf16": True}
+    model = tiny_llama()
+    q_fired = _count_weight_gradients(model, "model.layers.0.self_attn.q_proj.weight")
+    head_fired = _count_weight_gradients(model, "lm_head.weight")
+    fast = run_training(optim, tmp_path / "fast", model=model, **kw)
+    assert len(q_fired) == len(head_fired) == KW["steps"]  # rebuilt, not a second backward
+    assert all(n > KW["max_grad_norm"] for n in fast.grad_norms)
+    ref_model = tiny_llama()
+    ref_fired = _count_weight_gradients(ref_model, "model.layers.0.self_attn.q_proj.weight")
+    trainer_cls = TwoPassTrainer if optim.endswith("_layerwise") else TwoPassFusedTrainer
+    ref = run_training(optim, tmp_path / "ref", model=ref_model, trainer_cls=trainer_cls, **kw)
+    assert len(ref_fired) == 2 * KW["steps"]
+    assert fast.grad_norms == ref.grad_norms
+    assert_same_run(fast, ref)  # atol 0: the same bits as autograd's bfloat16 gradients
