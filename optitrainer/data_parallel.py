@@ -7,12 +7,16 @@ wraps the model, which would undo the memory layerwise training saves. So the tr
 unwrapped (:func:`replicate_without_ddp`: the initial weights are broadcast from rank 0, as DDP does),
 and runs a DDP-wrapped model it is handed anyway inside ``no_sync()`` (:func:`without_ddp_reduction`).
 Under FSDP2 the hooks already receive the reduce-scattered shard gradient: nothing to do.
+
+An optimizer that changes which parameters train between steps (block-coordinate descent) is kept out
+of DDP's wrapper the same way, since DDP's reducer only knows the parameters that required gradients when
+it wrapped the model; the trainer averages the gradients with :func:`average_gradients` instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -38,6 +42,31 @@ def gradient_averager(engine: Engine) -> Callable[[torch.Tensor], None]:
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
 
     return average
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter], engine: Engine) -> None:
+    """Average every existing ``.grad`` across the DDP ranks in place, one collective per dtype and device.
+
+    For optimizers that change which parameters train (``Capabilities.changes_trainable``): the model is
+    not DDP-wrapped, so this replaces DDP's reducer, after the last micro-batch. Divides before summing,
+    as DDP does, elementwise: the same bits as DDP's buckets.
+    """
+    if engine.kind != "ddp" or engine.world_size < 2:
+        return
+    import torch.distributed as dist
+
+    groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in groups.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat.div_(engine.world_size)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
 
 def replicate_without_ddp(accelerator: Any) -> None:

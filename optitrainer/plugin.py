@@ -172,6 +172,11 @@ class Capabilities:
         distributed_note: why the other engines are not supported, shown with the refusal
             (e.g. "needs whole 2-D weights; ZeRO flattens and FSDP shards them").
         requires_cuda: only runs on a CUDA device.
+        changes_trainable: the optimizer changes which parameters require gradients while training
+            (block-coordinate descent). DDP's reducer only averages the parameters that required
+            gradients when it wrapped the model, so under DDP the trainer keeps the model unwrapped
+            (rank 0's weights broadcast, as DDP does) and averages every gradient itself after the last
+            micro-batch, before clipping and ``step()``.
     """
 
     layerwise: bool = False
@@ -184,6 +189,7 @@ class Capabilities:
     distributed: frozenset[str] | None = None
     distributed_note: str = ""
     requires_cuda: bool = False
+    changes_trainable: bool = False
 
     def __post_init__(self) -> None:
         # the trainer makes accumulation and loss scaling transparent to an optimizer's step(); a
@@ -222,6 +228,8 @@ class Capabilities:
             out.append("train/eval")
         if self.requires_cuda:
             out.append("cuda-only")
+        if self.changes_trainable:
+            out.append("changes-trainable")
         if not self.gradient_accumulation:
             out.append("no-grad-accum")
         out.append("dist:" + (",".join(m for m in ENGINE_MODES if m in self.engines) or "none"))

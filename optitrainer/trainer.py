@@ -18,7 +18,7 @@ from transformers.trainer_callback import ExportableState
 
 from .arguments import OptimizerChoice, choose_optimizer
 from .compat import check_arguments, raise_conflicts
-from .data_parallel import gradient_averager, replicate_without_ddp, without_ddp_reduction
+from .data_parallel import average_gradients, gradient_averager, replicate_without_ddp, without_ddp_reduction
 from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
@@ -64,10 +64,12 @@ class OptiTrainerMixin:
             check_arguments(self._opti_choice.resolved, self.args, self.opti_engine)
             logger.info("optitrainer: distributed engine: %s", self.opti_engine)
             resolved = self._opti_choice.resolved
-            if self.opti_engine.kind == "ddp" and (
-                resolved.layerwise or resolved.spec.capabilities.owns_backward
-            ):
+            caps = resolved.spec.capabilities
+            if self.opti_engine.kind == "ddp" and (resolved.layerwise or caps.owns_backward):
                 replicate_without_ddp(self.accelerator)  # the hooks average the gradients themselves
+            elif self.opti_engine.kind == "ddp" and caps.changes_trainable:
+                # DDP's reducer would only know the parameters trainable when it wrapped the model
+                replicate_without_ddp(self.accelerator)  # training_step averages the gradients
             if self.model is not None:
                 self._check_model(self.model)
             prov = self._opti_choice.resolved.provenance
@@ -182,6 +184,12 @@ class OptiTrainerMixin:
         if resolved.spec.capabilities.owns_backward:
             with without_ddp_reduction(model), self._plugin_backward(model):
                 return super().training_step(model, inputs, num_items_in_batch)
+        if resolved.spec.capabilities.changes_trainable:
+            with without_ddp_reduction(model):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.accelerator.sync_gradients:  # the last micro-batch: average before clipping
+                average_gradients(model.parameters(), self.opti_engine)
+            return loss
         return super().training_step(model, inputs, num_items_in_batch)
 
     @contextlib.contextmanager

@@ -42,6 +42,8 @@ CASES = {
     "schedule_free_adamw": ("schedule_free_adamw", {"lr_scheduler_type": "constant"}),
     "stable_adamw": ("stable_adamw", {}),
     "grokadamw": ("grokadamw", {}),
+    # the trainable block changes every 2 steps: the trainer averages gradients itself (no DDP wrapper)
+    "badam": ("badam", {"optim_args": "switch_block_every=2"}),
     # layerwise: each hook averages its gradient across ranks before the per-parameter step
     "adamw_torch_layerwise": ("adamw_torch_layerwise", {"max_grad_norm": 0.0}),
     "adamw_torch_layerwise_clip": ("adamw_torch_layerwise", {"max_grad_norm": 1.0}),
@@ -106,9 +108,12 @@ def test_ddp_ranks_identical_and_equal_to_one_process(case, ddp_results, tmp_pat
     r0, r1 = ddp_results(case)
     assert max_param_diff(r0["params"], r1["params"]) == 0.0, f"{case}: ranks differ"
     optim, args = CASES[case]
-    # layerwise and fused-backward forms average in their hooks: no DDP wrapper (nor its gradient buckets)
-    in_hooks = REGISTRY.resolve(optim).layerwise or REGISTRY.resolve(optim).spec.capabilities.owns_backward
-    assert (r0["wrapper"] == "DistributedDataParallel") != in_hooks, r0["wrapper"]
+    # layerwise and fused-backward forms average in their hooks, and an optimizer that changes which
+    # parameters train gets its gradients averaged by the trainer: no DDP wrapper (nor its buckets)
+    resolved = REGISTRY.resolve(optim)
+    caps = resolved.spec.capabilities
+    unwrapped = resolved.layerwise or caps.owns_backward or caps.changes_trainable
+    assert (r0["wrapper"] == "DistributedDataParallel") != unwrapped, r0["wrapper"]
     ref = one_process(optim, {**DDP, **args}, tmp_path)
     initial = dict(tiny_llama(seed=0).named_parameters())
 

@@ -139,6 +139,25 @@ _OPTIONS = (
     Option("seed", int, None, "seed of the random block order (None: the training arguments' seed)"),
 )
 
+
+def _capabilities() -> Capabilities:
+    fields = {f.name for f in dataclasses.fields(Capabilities)}
+    # an optitrainer that can average gradients for a changing trainable set runs DDP; older ones cannot
+    ddp = "changes_trainable" in fields
+    return Capabilities(
+        layerwise=False,
+        # untested here (CPU only); a loss-scaler skip would still leave the schedule right
+        fp16=False,
+        distributed=frozenset({"ddp"} if ddp else ()),
+        distributed_note=(
+            "DeepSpeed and FSDP partition the optimizer and the gradients over a fixed set of trainable "
+            "parameters; BAdam changes that set every switch_block_every steps"
+            + ("" if ddp else "; DDP needs optitrainer's changes_trainable support (upgrade optitrainer)")
+        ),
+        **({"changes_trainable": True} if ddp else {}),
+    )
+
+
 _SPEC_KWARGS: dict[str, Any] = {}
 if "validate_arguments" in {f.name for f in dataclasses.fields(OptimizerSpec)}:
     _SPEC_KWARGS["validate_arguments"] = _argument_problems
@@ -150,17 +169,7 @@ BADAM = OptimizerSpec(
     requires=("badam==1.4",),
     imports=("badam",),
     options=_OPTIONS,
-    capabilities=Capabilities(
-        layerwise=False,
-        # untested here (CPU only); a loss-scaler skip would still leave the schedule right
-        fp16=False,
-        distributed=frozenset(),
-        distributed_note=(
-            "it changes which parameters require gradients between steps: DDP's reducer only syncs the "
-            "parameters that required gradients when the model was wrapped (the first block), and "
-            "DeepSpeed/FSDP partition the optimizer over a fixed parameter set"
-        ),
-    ),
+    capabilities=_capabilities(),
     validate=_validate,
     callbacks=_callbacks,
     log_values=_log_values,
@@ -172,7 +181,9 @@ BADAM = OptimizerSpec(
         "upstream), its AdamW moments starting from zero. The active block, the step count and the random "
         "order (drawn from its own seeded generator) are in the optimizer's state_dict, so a resumed run "
         "equals an uninterrupted one. lr/betas/eps/weight_decay come from the training arguments; biases "
-        "and norms get no weight decay (upstream decays norms). Single process only."
+        "and norms get no weight decay (upstream decays norms). Under DDP the trainer averages the active "
+        "block's gradients itself (DDP's reducer only knows the parameters trainable when it wrapped the "
+        "model); DeepSpeed and FSDP are refused."
     ),
     **_SPEC_KWARGS,
 )

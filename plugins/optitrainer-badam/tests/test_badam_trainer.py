@@ -230,10 +230,13 @@ def test_bad_options_are_refused_with_the_fix(tmp_path):
         OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset(n=8))
 
 
-def test_capabilities_refuse_distributed_engines():
+def test_capabilities_claim_ddp_and_refuse_sharding_engines():
+    # DDP: the trainer averages the gradients of whichever block is active (tests/test_distributed.py
+    # trains it on 2 ranks across block switches and a resume); ZeRO and FSDP are refused
     check_refusals(ConformanceCase("badam"))
     spec = optitrainer.get_optimizer("badam").spec
-    assert spec.capabilities.engines == frozenset() and "DDP" in spec.capabilities.distributed_note
+    assert spec.capabilities.engines == frozenset({"ddp"}) and spec.capabilities.changes_trainable
+    assert "FSDP" in spec.capabilities.distributed_note
     assert {o.name for o in spec.options} >= {
         "switch_block_every",
         "switch_mode",
@@ -249,8 +252,8 @@ def test_capabilities_refuse_distributed_engines():
     reason="2-process torchrun (~1 min): OPTITRAINER_BADAM_DDP=1",
 )
 @pytest.mark.parametrize("find_unused", [0, 1])
-def test_why_ddp_is_refused(tmp_path, find_unused):
-    """Under DDP the block that becomes active after the first switch is never averaged: ranks drift apart."""
+def test_why_the_trainer_averages_badams_gradients_itself(tmp_path, find_unused):
+    """Under DDP's reducer the block that becomes active after the first switch is never averaged."""
     import re
     from pathlib import Path
 
