@@ -13,6 +13,7 @@ from functools import partial
 from optitrainer.plugin import Capabilities, OptimizerSpec, Option
 
 from . import _factory
+from ._fixes import NOTES as FIX_NOTES
 from ._row import Row
 from ._table import EXCLUDED, ROWS, UPSTREAM_VERSION
 
@@ -46,6 +47,10 @@ def _docs(row: Row) -> str:
     if row.eps_from_args:
         read.append("`adam_epsilon` (eps)")
     text = f"`pytorch_optimizer.{row.cls}` (pytorch-optimizer=={UPSTREAM_VERSION}), built unchanged. "
+    if row.upstream in FIX_NOTES:  # a subclass: the same numbers wherever upstream works
+        text = text.replace(
+            "built unchanged", f"built with one upstream bug fixed ({FIX_NOTES[row.upstream]})"
+        )
     text += "From the training arguments: " + ", ".join(read) + "."
     if row.fixed:
         text += " Left at upstream's default (not expressible in optim_args): " + ", ".join(row.fixed) + "."

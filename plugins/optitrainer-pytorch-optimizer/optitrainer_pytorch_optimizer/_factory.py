@@ -8,6 +8,7 @@ from typing import Any
 
 from optitrainer.plugin import BuildContext
 
+from ._fixes import fixed_class
 from ._row import Row
 
 #: 2-D weights that stay on AdamW in the Muon family (as the core's ``muon`` and upstream's
@@ -18,9 +19,10 @@ ADAM_DEFAULTS = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
 
 
 def upstream_class(row: Row):
+    """The upstream class of ``row`` (the subclass of :mod:`._fixes` where upstream has a bug)."""
     import importlib
 
-    return getattr(importlib.import_module(row.module), row.cls)
+    return fixed_class(row.upstream, getattr(importlib.import_module(row.module), row.cls))
 
 
 def constructor_kwargs(row: Row, ctx: BuildContext) -> dict[str, Any]:
@@ -67,7 +69,7 @@ def param_groups(row: Row, ctx: BuildContext) -> list[dict[str, Any]]:
 
 
 def build(row: Row, ctx: BuildContext):
-    """``upstream_class(row)(groups, **kwargs)``: the upstream optimizer, unchanged."""
+    """``upstream_class(row)(groups, **kwargs)``: the upstream optimizer, unchanged but for :mod:`._fixes`."""
     kwargs = constructor_kwargs(row, ctx)
     return upstream_class(row)(param_groups(row, ctx), **kwargs)
 
