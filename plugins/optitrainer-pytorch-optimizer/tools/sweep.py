@@ -2,6 +2,7 @@
 
     .venv/bin/python plugins/optitrainer-pytorch-optimizer/tools/sweep.py [--workers N] [NAME ...]
     .venv/bin/python plugins/optitrainer-pytorch-optimizer/tools/sweep.py --layerwise-forms [--workers N]
+    .venv/bin/python plugins/optitrainer-pytorch-optimizer/tools/sweep.py --kit [--workers N] [NAME ...]
 
 Each candidate (every row of the table ``generate_table.py --candidates`` writes, layerwise or not) is
 registered in this process with ``layerwise=True`` so that ``check_layerwise_matches_standard`` can try
@@ -10,7 +11,9 @@ its ``_layerwise`` form; then ``check_resume``, ``check_scheduled_lr_reaches_upd
 verdicts feed ``generate_table.py``: a failing check excludes the name, a passing exactness check
 (outside ``GLOBAL_STATE``) makes it layerwise. ``--layerwise-forms`` then runs the kit on the
 ``_layerwise`` forms the table declares; a failure there takes the form back out (regenerate after each
-pass). Names are interleaved over ``--workers`` processes.
+pass). ``--kit`` runs the kit's later checks, ``learns`` and ``options``, on every name of the table as
+installed (what ``optitrainer check NAME --checks learns,options`` runs) and records ``kit_learns`` and
+``kit_options`` ("pass: <finding>" or "fail: <finding>"). Names are interleaved over ``--workers`` processes.
 """
 
 from __future__ import annotations
@@ -96,14 +99,33 @@ def check_layerwise_form(key: str) -> dict:
     return out
 
 
-def worker(keys: list[str], out_path: str, forms: bool = False) -> None:
+def check_kit(key: str) -> dict:
+    """The kit's ``learns`` and ``options`` checks on ``po_<key>`` as the installed table declares it."""
+    from optitrainer_pytorch_optimizer import ROWS
+
+    from optitrainer.kit import plan_for, run_plan
+
+    row = next(r for r in ROWS if r.upstream == key)
+    items, _ = plan_for([row.name], checks=["learns", "options"])
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as d:
+        for item, result in zip(items, run_plan(items, d)):
+            verdict = "pass" if result.status == "passed" else "fail" if result.failed else result.status
+            out["kit_" + item.check] = f"{verdict}: {result.detail}".strip()
+    return out
+
+
+MODES = {"--layerwise-forms": check_layerwise_form, "--kit": check_kit}
+
+
+def worker(keys: list[str], out_path: str, mode: str | None = None) -> None:
     import torch
 
     torch.set_num_threads(1)  # as the test suite: one thread per process (the machine is shared)
     with open(out_path, "a") as f:
         for key in keys:
             t = time.time()
-            verdict = check_layerwise_form(key) if forms else check_one(key)
+            verdict = MODES[mode](key) if mode else check_one(key)
             verdict["total_s"] = round(time.time() - t, 1)
             f.write(json.dumps({key: verdict}) + "\n")
             f.flush()
@@ -111,16 +133,16 @@ def worker(keys: list[str], out_path: str, forms: bool = False) -> None:
 
 
 def main(argv: list[str]) -> None:
-    forms = "--layerwise-forms" in argv
-    argv = [a for a in argv if a != "--layerwise-forms"]
+    mode = next((a for a in argv if a in MODES), None)
+    argv = [a for a in argv if a not in MODES]
     if argv[:1] == ["--worker"]:
-        return worker(argv[2:], argv[1], forms)
+        return worker(argv[2:], argv[1], mode)
     workers = 1
     if argv[:1] == ["--workers"]:
         workers, argv = int(argv[1]), argv[2:]
     from optitrainer_pytorch_optimizer import ROWS
 
-    keys = argv or [r.upstream for r in ROWS if r.layerwise or not forms]
+    keys = argv or [r.upstream for r in ROWS if r.layerwise or mode != "--layerwise-forms"]
     parts = [HERE / f".sweep_part{i}.jsonl" for i in range(workers)]
     for p in parts:
         p.unlink(missing_ok=True)
@@ -132,7 +154,7 @@ def main(argv: list[str]) -> None:
                 "--worker",
                 str(p),
                 *keys[i::workers],
-                *(["--layerwise-forms"] if forms else []),
+                *([mode] if mode else []),
             ]
         )
         for i, p in enumerate(parts)
@@ -142,7 +164,9 @@ def main(argv: list[str]) -> None:
     merged = json.loads(RESULTS.read_text())["results"] if RESULTS.exists() else {}
     for p in parts:
         for line in p.read_text().splitlines():
-            for key, verdict in json.loads(line).items():  # a layerwise-forms pass adds to the key's verdict
+            for key, verdict in json.loads(
+                line
+            ).items():  # a --layerwise-forms/--kit pass adds to the verdict
                 merged[key] = {**merged.get(key, {}), **verdict}
         p.unlink()
     from importlib.metadata import version
