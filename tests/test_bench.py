@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
+import tempfile
 
 import pytest
 import torch
@@ -69,6 +71,13 @@ def _tracked(optim: str, tmp_path, **overrides):
     return tracked_phase(cfg, torch.device("cpu"), str(tmp_path), lambda event: None)
 
 
+@functools.cache
+def _tracked_short(optim: str) -> dict:
+    """One 4-token sequence, 2 tracked steps; cached: several tests read the same layerwise runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _tracked(optim, tmp, batch_size=1, seq_len=4, mem_steps=2)
+
+
 def test_adamw_breakdown_at_peak_equals_hand_computed_bytes(tmp_path):
     # one sequence of 4 tokens: activations are small, so the peak is inside the optimizer step,
     # where the weights, every gradient and the whole state are alive at once
@@ -84,8 +93,8 @@ def test_adamw_breakdown_at_peak_equals_hand_computed_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("optim, state", [("adamw_torch_layerwise", ADAMW_STATE_BYTES), ("sgd_layerwise", 0)])
-def test_layerwise_keeps_at_most_the_largest_gradient_alive(tmp_path, optim, state):
-    out = _tracked(optim, tmp_path, batch_size=1, seq_len=4, mem_steps=2)
+def test_layerwise_keeps_at_most_the_largest_gradient_alive(optim, state):
+    out = _tracked_short(optim)
     peak = out["breakdown_at_peak"]
     assert peak["params"] == PARAM_BYTES and peak["optimizer_state"] == state
     assert peak["grads"] <= LARGEST * F32
@@ -93,11 +102,10 @@ def test_layerwise_keeps_at_most_the_largest_gradient_alive(tmp_path, optim, sta
     assert out["state_bytes_end_tracked"] == state  # found inside the per-parameter optimizers
 
 
-def test_layerwise_adamw_step_holds_at_most_one_parameter_sized_temporary(tmp_path):
+def test_layerwise_adamw_step_holds_at_most_one_parameter_sized_temporary():
     # the same activations as SGD's (no state, no temporaries), so what AdamW adds beyond them at the
     # peak is its step's temporaries: the denominator, divided in place (torch's per-tensor form: two)
-    sgd = _tracked("sgd_layerwise", tmp_path / "sgd", batch_size=1, seq_len=4, mem_steps=2)
-    adamw = _tracked("adamw_torch_layerwise", tmp_path / "adamw", batch_size=1, seq_len=4, mem_steps=2)
+    sgd, adamw = _tracked_short("sgd_layerwise"), _tracked_short("adamw_torch_layerwise")
     extra = adamw["breakdown_at_peak"]["other"] - sgd["breakdown_at_peak"]["other"]
     assert 0 < extra <= LARGEST * F32
 
