@@ -63,8 +63,8 @@ DOES_NOT_LEARN = {
     "dadaptadagrad": "does not train at its recommended lr 1.0: D-Adapted AdaGrad grows its step size d "
     "polynomially from d0=1e-6 (2.1e-4 after 200 steps; loss 4.578 -> 4.586); its authors call it experimental, "
     "slower to adapt than the other variants, and recommend DAdaptAdam or DAdaptSGD",
-    "dadaptadan": "diverges at its recommended lr 1.0: with growth_rate=inf d jumps from 1e-6 to 0.071 between "
-    "steps 16 and 24 and the loss rises 4.578 -> 19.4 by step 48, then turns non-finite",
+    "dadaptadan": "diverges at its recommended lr 1.0: with growth_rate=inf d jumps from 1e-6 (step 9) to 0.071 "
+    "(step 25) and the loss rises 4.578 -> 19.4 by step 48, then turns non-finite",
     "dadaptlion": "diverges at its recommended lr 1.0: no progress in 48 steps (4.578 -> 4.561), then d grows "
     "without bound (DAdaptLion has no growth_rate): loss 3.44 near step 90, d 20 and loss 2.2e4 at step 200",
 }
