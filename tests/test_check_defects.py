@@ -130,6 +130,15 @@ def test_accumulation_allows_what_the_update_makes_of_rounding_and_says_so(tmp_p
     assert result.status == PASSED and "amplifies rounding" in result.detail, result
 
 
+def test_an_option_for_low_precision_weights_is_checked_on_bfloat16_weights(tmp_path):
+    # FlashAdamW's master_weight_bits only means something for bf16/fp16 weights; upstream refuses it on
+    # float32 ones, so the kit shows its effect on a bfloat16 copy of the model
+    pytest.importorskip("pytorch_optimizer")
+    result = check("po_flashadamw", "options", tmp_path=tmp_path)[("po_flashadamw", "options")]
+    assert result.status == PASSED and "master_weight_bits=24" in result.detail, result
+    assert "on bfloat16 weights (refused on float32 ones)" in result.detail
+
+
 def test_fp16_is_not_passed_where_it_cannot_run(tmp_path):
     import torch
 

@@ -7,7 +7,9 @@ weights after two updates differ (the second reads the state the first left: 8-b
 the plugin refuses (``validate``/``validate_arguments`` or the factory raising ``ValueError``), and a
 value that changes nothing alone, are tried next on top of each other option's non-default values
 (``max_lr`` acts only with ``decouple_lr=True``; a seed only with random block order); the baseline is
-then that other value alone. A value the parser accepts that crashes the first steps is a failure too.
+then that other value alone. An option every non-default value of which is refused on float32 weights
+is tried on bfloat16 weights (an option for low-precision weights only, e.g. master-weight precision).
+A value the parser accepts that crashes the first steps is a failure too.
 """
 
 from __future__ import annotations
@@ -58,13 +60,13 @@ class _Refused(Exception):
     pass
 
 
-def _updates(resolved, args, options: dict[str, Any], batch):
+def _updates(resolved, args, options: dict[str, Any], batch, dtype: torch.dtype | None = None):
     """(hyperparameters, weights after two updates) for ``options``; ``_Refused`` when the plugin refuses."""
     from ..plugin import BackwardContext, BuildContext
     from ..testing import tiny_llama
 
     spec = resolved.spec
-    model = tiny_llama()
+    model = tiny_llama() if dtype is None else tiny_llama().to(dtype)
     ctx = BuildContext(model=model, args=args, options=options, name=spec.name)
     problems = list(spec.validate_arguments(args, options)) if spec.validate_arguments else []
     problems += list(spec.validate(ctx)) if spec.validate else []
@@ -127,6 +129,8 @@ def check_options_take_effect(case, tmp_dir) -> str:
                 break
         if effect is None:
             effect = _with_another_option(resolved, args, defaults, batch, opt)
+            if effect is None and not tried:
+                effect = _on_low_precision_weights(resolved, args, defaults, batch, opt)
             if effect:
                 found.append(effect)
                 continue
@@ -146,6 +150,25 @@ def check_options_take_effect(case, tmp_dir) -> str:
         "Pass each option to the optimizer in the factory, or remove it from OptimizerSpec.options"
     )
     return "; ".join(found)
+
+
+def _on_low_precision_weights(resolved, args, defaults, batch, opt) -> str | None:
+    """An option refused on float32 weights may be one for bfloat16 weights only (master-weight precision)."""
+    spec = resolved.spec
+    try:
+        base = _updates(resolved, args, defaults, batch, dtype=torch.bfloat16)
+    except Exception:  # noqa: BLE001 - the optimizer does not run on bfloat16 weights at all
+        return None
+    for value in non_default_values(spec, opt):
+        try:
+            effect = _differs(
+                base, _updates(resolved, args, {**defaults, opt.name: value}, batch, torch.bfloat16)
+            )
+        except Exception:  # noqa: BLE001 - refused there too: the option is reported as changing nothing
+            continue
+        if effect:
+            return f"{opt.name}={value!r} {effect} on bfloat16 weights (refused on float32 ones)"
+    return None
 
 
 def _with_another_option(resolved, args, defaults, batch, opt) -> str | None:

@@ -57,8 +57,9 @@ EXCLUDED = {
     "spectralsphere": "only supports 2-D parameters (raises on embeddings' neighbours: norms and biases)",
 }
 #: names that do not train the kit's tiny Llama at the authors' settings (lr 1.0, constant schedule; the
-#: kit's ``learns`` check, then 200-step runs logging d; 3-step loss means); the authors call all three
-#: experimental (facebookresearch/dadaptation README and docstrings)
+#: kit's ``learns`` check, then 200-step runs logging d; 3-step loss means); the authors call the AdaGrad,
+#: Adan and Lion variants experimental (facebookresearch/dadaptation README and docstrings); SGD trains,
+#: but only after the kit's 48 steps
 DOES_NOT_LEARN = {
     "dadaptadagrad": "does not train at its recommended lr 1.0: D-Adapted AdaGrad grows its step size d "
     "polynomially from d0=1e-6 (2.1e-4 after 200 steps; loss 4.578 -> 4.586); its authors call it experimental, "
@@ -67,17 +68,12 @@ DOES_NOT_LEARN = {
     "(step 25) and the loss rises 4.578 -> 19.4 by step 48, then turns non-finite",
     "dadaptlion": "diverges at its recommended lr 1.0: no progress in 48 steps (4.578 -> 4.561), then d grows "
     "without bound (DAdaptLion has no growth_rate): loss 3.44 near step 90, d 20 and loss 2.2e4 at step 200",
+    "dadaptsgd": "not shown to train by the kit: D-Adaptation spends its first ~60 steps growing d from "
+    "d0=1e-6 (0.24 at step 64): 4.578 -> 4.583 in the kit's 48 steps at its recommended lr 1.0, 2.24 at step "
+    "200; use po_dadaptadam or prodigy, which the kit verifies",
 }
 #: kit checks a kept name fails, and why (shown in the README; kept because the method trains the model)
-KIT_KNOWN_FAILURES = {
-    "flashadamw": "options: master_weight_bits (24/32) acts on bf16/fp16 parameters only and upstream refuses it "
-    "on the kit's fp32 tiny Llama; tests/test_bridge.py checks it on bf16 weights (error-correction state)",
-    "lars": "learns: LARS scales each matrix's step to lr x trust_coefficient (1e-3) x ||w|| / ||g||, a relative "
-    "change of lr/1000 per step, so the kit's lr sweep (<= 0.1) barely moves it (4.578 -> 4.574 in 48 steps at "
-    "0.1); at lr 10 it learns, 4.576 -> 4.241 in 16 steps; upstream states no lr",
-    "dadaptsgd": "learns: D-Adaptation spends its first ~60 steps growing d from d0=1e-6 (0.24 at step 64): "
-    "4.578 -> 4.583 in the kit's 48 steps, 2.24 at step 200 (lr 1.0, the authors' setting)",
-}
+KIT_KNOWN_FAILURES: dict[str, str] = {}
 #: constructor arguments that are no option, and why (the kit's ``options`` check: the other values crash or
 #: change nothing); they stay at upstream's default and are listed in the README
 NOT_OPTIONS = {
@@ -110,6 +106,9 @@ RECOMMENDED_LR = {
     "prodigy": 1.0,  # Mishchenko & Defazio 2023: "we recommend lr=1.0"
     "adamg": 1.0,  # AdamG (Pan & Li 2024): parameter-free, golden step size with lr 1.0
     "adadelta": 1.0,  # Zeiler 2012: no learning rate (1.0 is the method itself)
+    # LARS (You, Gitman & Ginsburg 2017) scales each step to lr x trust_coefficient (1e-3) x ||w|| / ||g||:
+    # the paper's base learning rates are 2 to 29 (growing with the batch); at 0.1 the weights barely move
+    "lars": 10.0,
     # Muon (K. Jordan 2024) and its variants: 0.02 for the orthogonalized groups
     **dict.fromkeys(["muon", "adamuon", "normuon"], 0.02),
 }
