@@ -117,6 +117,7 @@ def _build_adafactor(ctx: BuildContext):
         clip_threshold=o["clip_threshold"],
         decay_rate=o["decay_rate"],
         beta1=o["beta1"],
+        gradient_is_scratch=ctx.layerwise,  # the engine frees each gradient after its step
     )
 
 

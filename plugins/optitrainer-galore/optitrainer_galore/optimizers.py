@@ -205,6 +205,101 @@ class _LeanAdamWStep:
         return loss
 
 
+class _LeanAdafactorStep:
+    """galore-torch 1.0's ``GaLoreAdafactor.step``, arithmetic unchanged, at most one weight-sized temporary.
+
+    Upstream holds ``grad**2 + eps`` and then a new ``row x col`` estimate (two weight-sized tensors),
+    projects back into a new matrix and adds ``-update`` (a negated copy). Here the square is built in
+    place (``square().add_()``), the estimate written over it (``out=``), the update subtracted
+    (``a - b`` is ``a + (-b)`` exactly) and, with ``gradient_is_scratch``, a projected weight's full-size
+    update written over its consumed gradient: the same values, bit for bit.
+    """
+
+    gradient_is_scratch = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.dtype in {torch.float16, torch.bfloat16}:
+                    grad = grad.float()
+                if grad.is_sparse:
+                    raise RuntimeError("Adafactor does not support sparse gradients.")
+                state = self.state[p]
+                if "step" not in state:
+                    state["step"] = 0
+                if "rank" in group:
+                    if "projector" not in state:
+                        state["projector"] = _projector(group)
+                    grad = state["projector"].project(grad, state["step"])
+                grad_shape = grad.shape
+                factored, use_first_moment = self._get_options(group, grad_shape)
+                if "RMS" not in state:
+                    state["step"] = 0
+                    if use_first_moment:
+                        state["exp_avg"] = torch.zeros_like(grad)
+                    if factored:
+                        state["exp_avg_sq_row"] = torch.zeros(grad_shape[:-1]).to(grad)
+                        state["exp_avg_sq_col"] = torch.zeros(grad_shape[:-2] + grad_shape[-1:]).to(grad)
+                    else:
+                        state["exp_avg_sq"] = torch.zeros_like(grad)
+                    state["RMS"] = 0
+                else:
+                    if use_first_moment:
+                        state["exp_avg"] = state["exp_avg"].to(grad)
+                    if factored:
+                        state["exp_avg_sq_row"] = state["exp_avg_sq_row"].to(grad)
+                        state["exp_avg_sq_col"] = state["exp_avg_sq_col"].to(grad)
+                    else:
+                        state["exp_avg_sq"] = state["exp_avg_sq"].to(grad)
+                p_data_fp32 = p
+                if p.dtype in {torch.float16, torch.bfloat16}:
+                    p_data_fp32 = p_data_fp32.float()
+                state["step"] += 1
+                state["RMS"] = self._rms(p_data_fp32)
+                lr = self._get_lr(group, state)
+                beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+                update = grad.square().add_(group["eps"][0])  # upstream: (grad**2) + eps
+                if factored:
+                    exp_avg_sq_row = state["exp_avg_sq_row"]
+                    exp_avg_sq_col = state["exp_avg_sq_col"]
+                    exp_avg_sq_row.mul_(beta2t).add_(update.mean(dim=-1), alpha=(1.0 - beta2t))
+                    exp_avg_sq_col.mul_(beta2t).add_(update.mean(dim=-2), alpha=(1.0 - beta2t))
+                    # upstream's _approx_sq_grad, its product written over the squared gradient
+                    r_factor = (
+                        (exp_avg_sq_row / exp_avg_sq_row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+                    )
+                    c_factor = exp_avg_sq_col.unsqueeze(-2).rsqrt()
+                    update = torch.mul(r_factor, c_factor, out=update)
+                    update.mul_(grad)
+                else:
+                    exp_avg_sq = state["exp_avg_sq"]
+                    exp_avg_sq.mul_(beta2t).add_(update, alpha=(1.0 - beta2t))
+                    update = exp_avg_sq.rsqrt().mul_(grad)
+                update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+                update.mul_(lr)
+                if use_first_moment:
+                    exp_avg = state["exp_avg"]
+                    exp_avg.mul_(group["beta1"]).add_(update, alpha=(1 - group["beta1"]))
+                    update = exp_avg
+                if "rank" in group:
+                    scratch = p.grad if self.gradient_is_scratch else None
+                    update = state["projector"].project_back(update, out=scratch)
+                if group["weight_decay"] != 0:
+                    p_data_fp32.add_(p_data_fp32, alpha=(-group["weight_decay"] * lr))
+                p_data_fp32.sub_(update)  # upstream: add_(-update)
+                if p.dtype in {torch.float16, torch.bfloat16}:
+                    p.copy_(p_data_fp32)
+        return loss
+
+
 class GaLoreAdamW(_PlainProjectorState, _LeanAdamWStep, _UpstreamAdamW):
     """``galore_torch.GaLoreAdamW`` whose checkpoint loads with ``weights_only=True``."""
 
@@ -214,8 +309,12 @@ class GaLoreAdamW(_PlainProjectorState, _LeanAdamWStep, _UpstreamAdamW):
         self.gradient_is_scratch = gradient_is_scratch
 
 
-class GaLoreAdafactor(_PlainProjectorState, _UpstreamAdafactor):
+class GaLoreAdafactor(_PlainProjectorState, _LeanAdafactorStep, _UpstreamAdafactor):
     """``galore_torch.GaLoreAdafactor`` whose checkpoint loads with ``weights_only=True``."""
+
+    def __init__(self, params, gradient_is_scratch: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.gradient_is_scratch = gradient_is_scratch
 
 
 class GaLoreAdamW8bit(_PlainProjectorState, _UpstreamAdamW8bit):

@@ -300,9 +300,21 @@ def _upstream_and_ours(kind):
             lambda gr: galore_torch.GaLoreAdamW(gr, no_deprecation_warning=True, **kw),
             lambda gr: ours.GaLoreAdamW(gr, **kw),
         )
-    if kind == "adafactor":
+    if kind.startswith("adafactor"):
         kw = {"lr": 1e-2, "relative_step": False, "scale_parameter": False, "beta1": 0.9}
-        return lambda gr: galore_torch.GaLoreAdafactor(gr, **kw), lambda gr: ours.GaLoreAdafactor(gr, **kw)
+        if kind == "adafactor_plain":  # no first moment, weight decay, parameter scaling
+            kw = {"lr": 1e-2, "relative_step": False, "scale_parameter": True, "weight_decay": 0.1}
+        scratch = {"gradient_is_scratch": kind == "adafactor_scratch"}  # what the layerwise form builds
+        return (
+            lambda gr: galore_torch.GaLoreAdafactor(gr, **kw),
+            lambda gr: ours.GaLoreAdafactor(gr, **kw, **scratch),
+        )
+    if kind == "adamw_scratch":
+        kw = {"lr": 1e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
+        return (
+            lambda gr: galore_torch.GaLoreAdamW(gr, no_deprecation_warning=True, **kw),
+            lambda gr: ours.GaLoreAdamW(gr, gradient_is_scratch=True, **kw),
+        )
     kw = {"lr": 1e-2, "min_8bit_size": 16}  # small enough that the projected states are 8-bit
     return lambda gr: galore_torch.GaLoreAdamW8bit(gr, **kw), lambda gr: ours.GaLoreAdamW8bit(gr, **kw)
 
@@ -324,6 +336,10 @@ def _step(opt, params, step):
         ("adamw", "full"),
         ("adafactor", "std"),
         ("adafactor", "full"),
+        ("adafactor_plain", "std"),
+        ("adafactor_scratch", "std"),
+        ("adafactor_scratch", "left"),
+        ("adamw_scratch", "std"),
         ("adamw8bit", "std"),
     ],
 )
@@ -542,8 +558,9 @@ def test_reverse_std_with_a_square_low_rank_gradient_trains_where_upstream_crash
     assert torch.isfinite(w).all() and not torch.equal(w, before)
 
 
-def test_layerwise_update_of_a_projected_weight_needs_no_weight_sized_temporary():
-    from optitrainer_galore.optimizers import GaLoreAdamW
+@pytest.mark.parametrize("kind", ["adamw", "adafactor"])
+def test_layerwise_update_of_a_projected_weight_needs_no_weight_sized_temporary(kind):
+    from optitrainer_galore.optimizers import GaLoreAdafactor, GaLoreAdamW
 
     torch.manual_seed(0)
     weight, grads = torch.randn(512, 128), [torch.randn(512, 128) for _ in range(3)]
@@ -551,7 +568,10 @@ def test_layerwise_update_of_a_projected_weight_needs_no_weight_sized_temporary(
     for scratch in (False, True):  # True: what the layerwise engine builds (it frees the gradient after)
         p = torch.nn.Parameter(weight.clone())
         group = {"params": [p], "rank": 8, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-        opt = GaLoreAdamW([group], lr=1e-2, weight_decay=0.1, gradient_is_scratch=scratch)
+        if kind == "adamw":
+            opt = GaLoreAdamW([group], lr=1e-2, weight_decay=0.1, gradient_is_scratch=scratch)
+        else:
+            opt = GaLoreAdafactor([group], lr=1e-2, relative_step=False, gradient_is_scratch=scratch)
         for g in grads:  # the first step computes the SVD; the others are the steady state
             p.grad = g.clone()
             temporaries[scratch] = step_temporaries_bytes(opt)
