@@ -44,6 +44,12 @@ def test_an_optimizer_that_does_not_learn_fails_and_a_correct_one_passes(registe
     assert sgd.status == PASSED and "at lr 0.001" not in sgd.detail, sgd
 
 
+def test_a_loss_that_spikes_and_comes_back_is_not_learning(registered, tmp_path):
+    registered(specs.SPIKE_THEN_UNDO)
+    result = check("kd_spike_then_undo", "learns", tmp_path=tmp_path)[("kd_spike_then_undo", "learns")]
+    assert result.status == FAILED and "never above 1.5 x" in result.detail, result
+
+
 def test_a_recommended_lr_is_the_one_the_kit_trains_at(registered, tmp_path):
     import dataclasses
 

@@ -138,3 +138,24 @@ class FusedSGD(torch.optim.SGD):
         finally:
             for h in handles:
                 h.remove()
+
+
+class SpikeThenUndoSGD(torch.optim.SGD):
+    """Shakes the weights hard on its second step and puts them back on the third: no learning at all,
+    but the loss spikes in steps 2-3, so the first 3 logged losses average far above the last 3."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"]]
+        count = self.state.setdefault("calls", 0) + 1  # not per parameter: a plain counter is enough here
+        self.state["calls"] = count
+        if count == 1:
+            self.state["saved"] = [p.detach().clone() for p in params]
+        elif count == 2:
+            gen = torch.Generator().manual_seed(0)
+            for p in params:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+        else:
+            for p, saved in zip(params, self.state["saved"]):
+                p.copy_(saved)
+        return None

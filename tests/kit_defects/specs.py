@@ -108,6 +108,10 @@ def _build(cls_name):
     return build
 
 
+#: the loss spikes at steps 2-3 and returns to the untrained model's: the old first-3 vs last-3 mean passed it
+SPIKE_THEN_UNDO = OptimizerSpec(
+    name="kd_spike_then_undo", factory=_build("SpikeThenUndoSGD"), summary="spikes the loss, learns nothing"
+)
 FROZEN_LR = OptimizerSpec(
     name="kd_frozen_lr", factory=_build("FrozenLrSGD"), summary="ignores the scheduled lr"
 )
