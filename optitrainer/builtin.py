@@ -24,7 +24,7 @@ def _adamw(ctx: BuildContext, fused: bool = False):
     elif ctx.layerwise:
         # The for-each form divides its denominator in place: one parameter-sized temporary where the
         # per-tensor form (torch's default on CPU) holds two, which sets the layerwise engine's peak.
-        # Same operations in the same order, so the numbers are bit-identical (tests/test_builtin_parity.py).
+        # Same operations in the same order: bit-identical (test_layerwise_equals_standard_under_a_schedule).
         kwargs["foreach"] = True
     return AdamW(ctx.param_groups(), **kwargs)
 
