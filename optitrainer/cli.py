@@ -110,6 +110,7 @@ def _row_json(r) -> dict:
             "gradient_clipping": caps.gradient_clipping,
             "fp16": caps.fp16,
             "requires_cuda": caps.requires_cuda,
+            "changes_trainable": caps.changes_trainable,
             "engines": [m for m in ENGINE_MODES if m in caps.engines],
         },
         options=[o.name for o in spec.options],
