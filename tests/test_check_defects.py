@@ -170,3 +170,15 @@ def test_distributed_claims_run_in_one_launch(registered, tmp_path):
     assert results["kd_fused_no_average"].status == FAILED, results["kd_fused_no_average"]
     assert "the 2 ranks end" in results["kd_fused_no_average"].detail
     assert results["kd_fused"].status == PASSED, results["kd_fused"]
+
+
+def test_a_deepspeed_run_does_not_turn_the_next_ddp_run_into_deepspeed(tmp_path):
+    # one launch trains every (form, engine): a ZeRO run used to leave its configuration behind, and the
+    # DDP run after it was refused as "DeepSpeed ZeRO-2 training" for a DDP-only optimizer
+    pytest.importorskip("deepspeed")
+    from optitrainer.kit.distributed import DistributedRun, run_distributed
+
+    runs = [DistributedRun("adamw_torch", "zero2"), DistributedRun("muon", "ddp")]
+    results = {r.optim: r for r in run_distributed(runs, tmp_path)}
+    assert results["muon"].status == PASSED, results["muon"]
+    assert results["adamw_torch"].status == PASSED, results["adamw_torch"]

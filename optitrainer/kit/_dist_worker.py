@@ -56,7 +56,10 @@ def main() -> None:
         module, _, attr = path.partition(":")
         register(getattr(importlib.import_module(module), attr), replace=True)
     rank = int(os.environ["RANK"])
-    for run in plan["runs"]:
+    # a DeepSpeed run leaves its configuration in the process (accelerate's state, the environment),
+    # which later runs would read as "launched with DeepSpeed": the plain DDP runs go first
+    runs = sorted(plan["runs"], key=lambda run: bool(run["args"].get("deepspeed")))
+    for run in runs:
         result: dict = {"error": None}
         try:
             args = training_arguments(
