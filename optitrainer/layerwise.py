@@ -1,7 +1,9 @@
 """The layerwise engine: any layerwise-capable plugin as optimizer-in-backward.
 
 One optimizer per parameter, stepped from a post-accumulate-grad hook; the gradient is freed right
-after, so without accumulation at most one parameter's gradient is alive at a time. The trainer sees
+after, so without accumulation at most one parameter's gradient is alive at a time. Nothing reads it
+after the step, so an optimizer built with ``ctx.layerwise`` may write over it (GaLore's and APOLLO's
+plugins put their full-size update there instead of allocating one). The trainer sees
 :class:`LayerwiseOptimizer`, a real ``torch.optim.Optimizer`` whose param groups (one per parameter)
 the scheduler moves and the hooks read, so the scheduled learning rate is the one applied and logged.
 
