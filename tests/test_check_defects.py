@@ -129,7 +129,7 @@ def test_accumulation_must_equal_the_bigger_batch(registered, tmp_path):
 
 
 def test_accumulation_allows_what_the_update_makes_of_rounding_and_says_so(tmp_path):
-    # AdaMuon orthogonalises then normalises per element: one rounding step on each gradient moves the
+    # AdaMuon orthogonalises then normalises per element: a start one rounding step away moves the
     # weights by a fifth of their movement, so reordered sums cannot agree to 5 %; the kit measures that
     pytest.importorskip("pytorch_optimizer")
     result = check("po_adamuon", "accumulation", tmp_path=tmp_path)[("po_adamuon", "accumulation")]

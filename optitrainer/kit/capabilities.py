@@ -7,15 +7,13 @@ import math
 from pathlib import Path
 
 from .result import NotRunnable, Skip
+from .rounding import NOISE_FACTOR, rounding_sensitivity
 
 #: accumulation vs one bigger batch: the same sums in another order, relative to how far the weights
 #: moved (measured over 3 steps: AdamW 2.4e-8 of 1.8e-3, SGD 1.9e-9 of 1e-4; Muon 3.9e-5 of 1.5e-3 = 2.6 %,
 #: its Newton-Schulz iteration runs in bfloat16 and rounds the reordering up). Stepping on one
 #: micro-batch's gradient instead of the sum is off by about half the movement.
 ACCUMULATION_RTOL = 0.05
-#: beyond that tolerance, accumulated and bigger batches may still differ by this many times what one
-#: rounding step on every gradient makes (measured only then; a plain optimizer's is ~1e-8 of the movement)
-NOISE_FACTOR = 3.0
 #: the logged losses of accumulated and bigger batches (3 steps): reordering alone stays far below
 LOSS_ATOL = 1e-4
 
@@ -49,7 +47,9 @@ def check_gradient_accumulation(case, tmp_dir) -> str:
     if not ok:
         # an update that turns rounding into movement (Newton-Schulz, eigendecompositions, then Adam's
         # normalisation) lands this far apart from any reordering of the same sums: measure that first
-        noise = _rounding_sensitivity(case.optim, tmp / "jitter", big, kw)
+        noise = rounding_sensitivity(
+            case.optim, tmp / "jitter", big, steps=3, per_device_train_batch_size=4, **kw
+        )
         ok = diff <= NOISE_FACTOR * noise[0] and dloss <= max(LOSS_ATOL, NOISE_FACTOR * noise[1])
     assert ok, (
         f"{case.optim}: gradient_accumulation_steps=2 (2 x batch 2) trains other weights than one batch of 4 "
@@ -57,7 +57,7 @@ def check_gradient_accumulation(case, tmp_dir) -> str:
         + (
             ""
             if noise is None
-            else f", and gradients perturbed by one rounding step land only {noise[0]:.3g} apart (losses "
+            else f", and a start one rounding step away lands only {noise[0]:.3g} apart (losses "
             f"{noise[1]:.3g})"
         )
         + ". The optimizer must read the accumulated .grad at step(), not gradients seen during backward; or "
@@ -66,38 +66,10 @@ def check_gradient_accumulation(case, tmp_dir) -> str:
     if noise is not None:
         return (
             f"accumulated == bigger batch within {diff:.2g} (losses {dloss:.2g}; weights moved {moved:.2g}); "
-            f"the update amplifies rounding: gradients perturbed by one rounding step land {noise[0]:.2g} "
+            f"the update amplifies rounding: a start one rounding step away lands {noise[0]:.2g} "
             f"apart (losses {noise[1]:.2g})"
         )
     return f"accumulated == bigger batch within {diff:.2g} (weights moved {moved:.2g})"
-
-
-def _rounding_sensitivity(optim: str, out_dir: Path, big, kw: dict) -> tuple[float, float]:
-    """How far (weights, losses) the bigger-batch run lands when each gradient is perturbed by one rounding step.
-
-    A tensor hook multiplies every gradient element by ``1 ± eps`` (random signs, fixed seed): the size
-    of the error a different summation order makes. An optimizer whose weights move that far from it
-    cannot be held to closer agreement between accumulated and bigger batches.
-    """
-    import torch
-
-    from ..testing import max_param_diff, run_training, tiny_llama
-
-    model = tiny_llama()
-    generator = torch.Generator().manual_seed(0)
-
-    def jitter(grad):
-        signs = torch.randint(0, 2, grad.shape, generator=generator).to(grad) * 2 - 1
-        return grad * (1 + torch.finfo(grad.dtype).eps * signs)
-
-    handles = [p.register_hook(jitter) for p in model.parameters() if p.requires_grad]
-    try:
-        run = run_training(optim, out_dir, model=model, steps=3, per_device_train_batch_size=4, **kw)
-    finally:
-        for h in handles:
-            h.remove()
-    dloss = max(abs(a - b) for a, b in zip(big.losses, run.losses))
-    return max_param_diff(big.params, run.params), dloss
 
 
 @functools.lru_cache(maxsize=1)

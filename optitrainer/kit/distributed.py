@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .result import FAILED, NOT_RUNNABLE, PASSED, CheckResult
+from .rounding import NOISE_FACTOR, rounding_sensitivity
 
 STEPS = 4
 #: two half-batch gradients averaged vs one batch, 4 steps (DDP measured <= 1.3e-6, Muon 5.1e-5)
@@ -190,13 +191,25 @@ def _compare(run: DistributedRun, out: Path, output: str) -> CheckResult:
     args["use_cpu"] = True
     ref = run_training(run.optim, out / f"{run.name}.one_process", steps=STEPS, **args)
     diff = max_param_diff(ranks[0]["params"], ref.params)
-    if diff > TOLERANCE:
+    if diff <= TOLERANCE:
+        return CheckResult(run.optim, check, PASSED, f"ranks identical, {diff:.2g} from one process")
+    # two half-batch gradients averaged are the same sums in another order: an update that amplifies
+    # rounding (Newton-Schulz, eigendecompositions) lands further away, correctly; measure how far
+    noise, _ = rounding_sensitivity(run.optim, out / f"{run.name}.jitter", ref, steps=STEPS, **args)
+    if diff <= NOISE_FACTOR * noise:
         return CheckResult(
             run.optim,
             check,
-            FAILED,
-            f"2 ranks under {ranks[0]['engine']} end {diff:.3g} away from one process "
-            f"with the same global batch (tolerance {TOLERANCE:g}): the optimizer is not right under this "
-            "engine; remove it from Capabilities.distributed",
+            PASSED,
+            f"ranks identical, {diff:.2g} from one process; the update amplifies rounding: a start "
+            f"one rounding step away lands {noise:.2g} from it",
         )
-    return CheckResult(run.optim, check, PASSED, f"ranks identical, {diff:.2g} from one process")
+    return CheckResult(
+        run.optim,
+        check,
+        FAILED,
+        f"2 ranks under {ranks[0]['engine']} end {diff:.3g} away from one process "
+        f"with the same global batch (tolerance {TOLERANCE:g}; a start one rounding step away "
+        f"lands only {noise:.3g} away): the optimizer is not right under this engine; remove it from "
+        "Capabilities.distributed",
+    )
