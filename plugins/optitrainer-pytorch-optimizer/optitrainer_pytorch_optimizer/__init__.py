@@ -60,7 +60,7 @@ def _docs(row: Row) -> str:
             "(`use_muon=True`); the rest AdamW at `adamw_lr`, which the trainer's schedule scales too."
         )
     if row.train_eval:
-        text += " Schedule-free: the trainer switches train/eval modes around evaluation and saving."
+        text += " Train/eval modes: the trainer switches them around evaluation and saving (eval() swaps in the weights to evaluate)."
     return text
 
 

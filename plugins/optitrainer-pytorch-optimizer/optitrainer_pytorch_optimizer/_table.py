@@ -3313,9 +3313,9 @@ ROWS = (
         ),
         fixed=(),
         groups="plain",
-        train_eval=False,
+        train_eval=True,
         recommended_lr=None,
-        layerwise=True,
+        layerwise=False,
     ),
     Row(
         name="po_stableadamw",

@@ -102,6 +102,9 @@ GLOBAL_STATE = {
     "ranger21": "global gradient statistics for its stable weight decay",
     "kron": "random preconditioner updates drawn from one generator across parameters",
 }
+#: besides the schedule-free family: optimizers whose eval()/train() swap the weights (the kit's
+#: train_eval_modes check finds them: both methods defined)
+TRAIN_EVAL = {"splus": "evaluates with the EMA of its weights: eval() swaps them in, train() back"}
 #: learning rates the authors state (docstrings / papers); the kit trains at them
 RECOMMENDED_LR = {
     # D-Adaptation (Defazio & Mishchenko 2023): "Use 1.0 unless training is unstable" (upstream docstring)
@@ -248,11 +251,12 @@ def row_of(key: str, cls, verdicts: dict) -> dict:
         "options": tuple(options),
         "fixed": tuple(fixed),
         "groups": "muon" if key in MUON else "plain",
-        "train_eval": key.startswith("schedulefree"),
+        "train_eval": key.startswith("schedulefree") or key in TRAIN_EVAL,
         "recommended_lr": RECOMMENDED_LR.get(key),
         "layerwise": bool(v.get("layerwise_exact"))
         and key not in GLOBAL_STATE
         and not key.startswith("schedulefree")
+        and key not in TRAIN_EVAL  # the layerwise facade has no train()/eval() to switch
         and layerwise_form_failure(v) is None,
     }
 
