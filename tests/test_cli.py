@@ -226,6 +226,10 @@ def test_list_format_json_gives_every_name_with_its_facts(cli):
         "ddp"
     ]
     assert rows["schedule_free_radam"]["aliases"] == ["schedule_free_radamw"]
+    assert adamw["capabilities"]["changes_trainable"] is False
+    if "badam" in rows:  # the plugin whose blocks change which parameters train: DDP through the trainer
+        assert rows["badam"]["capabilities"]["changes_trainable"] is True
+        assert rows["badam"]["capabilities"]["engines"] == ["ddp"]
 
 
 def test_list_filters_by_distribution_capability_and_text(cli):
