@@ -17,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from .arguments import OptimizerChoice, choose_optimizer
+from .clean_exit import release_gloo_workers_at_exit
 from .compat import check_arguments, raise_conflicts
 from .data_parallel import average_gradients, gradient_averager, replicate_without_ddp, without_ddp_reduction
 from .engine import Engine, engine_from_accelerator, launch_problem
@@ -234,6 +235,7 @@ class OptiTrainerMixin:
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
     def train(self, *args: Any, **kwargs: Any):
+        release_gloo_workers_at_exit()  # else a gloo launch may abort at exit after training succeeded
         try:
             return super().train(*args, **kwargs)
         finally:

@@ -11,16 +11,21 @@ from pathlib import Path
 
 
 def torchrun(
-    script: str | Path, *script_args: str, nproc: int = 2, timeout: float = 300, env: dict | None = None
+    script: str | Path,
+    *script_args: str,
+    nproc: int = 2,
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
 ):
     """Run ``torchrun --standalone --nproc_per_node nproc script args`` and return the finished process.
 
-    Raises ``AssertionError`` with the tail of the output when it fails; on timeout the whole process
+    Raises ``AssertionError`` with the tail of the output when it fails (unless ``check=False``); on timeout the whole process
     group (launcher and ranks) is killed first.
     """
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [exe, "--standalone", "--nproc_per_node", str(nproc), str(script), *map(str, script_args)]
-    return run_launcher(cmd, timeout=timeout, env=env)
+    return run_launcher(cmd, timeout=timeout, env=env, check=check)
 
 
 def run_launcher(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):

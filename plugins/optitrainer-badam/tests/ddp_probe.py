@@ -12,6 +12,7 @@ import torch
 from optitrainer_badam.optimizer import BlockOptimizer
 from transformers import Trainer, TrainingArguments
 
+from optitrainer.clean_exit import release_gloo_workers_at_exit
 from optitrainer.testing import SyntheticLMDataset, tiny_llama, training_arguments
 
 out, find_unused = sys.argv[1], sys.argv[2] == "1"
@@ -29,6 +30,7 @@ optimizer = BlockOptimizer(
     base, list(model.named_parameters()), switch_block_every=2, switch_mode="ascending"
 )
 trainer = Trainer(model=model, args=args, train_dataset=SyntheticLMDataset(), optimizers=(optimizer, None))
+release_gloo_workers_at_exit()  # plain Trainer: what OptiTrainer.train does, so the launch exits with 0
 trainer.train()
 assert torch.distributed.get_world_size() == 2 and trainer.state.global_step == 5
 diffs = []
