@@ -241,9 +241,11 @@ def main(out: Path, mode: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
+    from optitrainer.clean_exit import release_gloo_workers_at_exit
     from optitrainer.distributed_checkpoint import load_sharded, save_sharded
 
     dist.init_process_group("gloo")
+    release_gloo_workers_at_exit()  # no OptiTrainer.train here to register it
     rank, world = dist.get_rank(), dist.get_world_size()
     if mode == "train":  # one process each, in parallel: rank 0 the whole batch, rank 1 the rank-split one
         kind = ("full", "split")[rank]
