@@ -144,10 +144,10 @@ RMSPROP = OptimizerSpec(
 
 
 def _adafactor(ctx: BuildContext):
-    from transformers.optimization import Adafactor
+    from ._adafactor import LeanAdafactor
 
     o = ctx.options
-    return Adafactor(
+    return LeanAdafactor(
         ctx.param_groups(),
         lr=ctx.lr,
         scale_parameter=o["scale_parameter"],
@@ -179,7 +179,8 @@ ADAFACTOR = OptimizerSpec(
         "ZeRO flattens and FSDP shards them",
     ),
     transformers_name="adafactor",
-    docs="The learning rate comes from the trainer's schedule (`relative_step=False`), as in transformers.",
+    docs="The learning rate comes from the trainer's schedule (`relative_step=False`), as in transformers. "
+    "Its step is transformers' arithmetic, bit for bit, with one weight-sized temporary instead of two.",
 )
 
 
