@@ -12,6 +12,7 @@ Plugin authors use :mod:`optitrainer.plugin`; :mod:`optitrainer.testing` checks 
 
 from typing import TYPE_CHECKING
 
+from .clean_exit import release_gloo_workers_at_exit
 from .errors import (
     EngineNotInstalledError,
     IncompatibleConfigError,
@@ -76,5 +77,6 @@ __all__ = [
     "get_optimizer",
     "list_optimizers",
     "register",
+    "release_gloo_workers_at_exit",
     "with_optitrainer",
 ]

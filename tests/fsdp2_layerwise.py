@@ -241,7 +241,7 @@ def main(out: Path, mode: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from optitrainer.clean_exit import release_gloo_workers_at_exit
+    from optitrainer import release_gloo_workers_at_exit
     from optitrainer.distributed_checkpoint import load_sharded, save_sharded
 
     dist.init_process_group("gloo")

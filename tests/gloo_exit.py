@@ -4,7 +4,7 @@
 thread-local state holds autograd's Python context) and its Python handle dropped at once; the main
 thread then keeps the GIL until the interpreter finalizes. Without a handler that releases the GIL at
 exit, the worker thread is killed while destroying the collective and the process aborts (SIGABRT).
-With ``handler``, ``optitrainer.clean_exit.release_gloo_workers_at_exit`` (what ``OptiTrainer.train``
+With ``handler``, ``optitrainer.release_gloo_workers_at_exit`` (what ``OptiTrainer.train``
 calls) registers that handler.
 """
 
@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 dist.init_process_group("gloo")
 if sys.argv[1] == "handler":
-    from optitrainer.clean_exit import release_gloo_workers_at_exit
+    from optitrainer import release_gloo_workers_at_exit
 
     release_gloo_workers_at_exit()
 

@@ -12,7 +12,7 @@ import torch
 from optitrainer_badam.optimizer import BlockOptimizer
 from transformers import Trainer, TrainingArguments
 
-from optitrainer.clean_exit import release_gloo_workers_at_exit
+from optitrainer import release_gloo_workers_at_exit
 from optitrainer.testing import SyntheticLMDataset, tiny_llama, training_arguments
 
 out, find_unused = sys.argv[1], sys.argv[2] == "1"
