@@ -17,9 +17,14 @@ What is not rebuilt:
 
 * one-dimensional parameters (norm weights, biases): their gradients are kept from the norm pass
   (their total size is the sum of the model's vectors, a small fraction of one weight matrix);
-* anything else (other layer types, a module called more than once per step, tied weights, a
-  subclass with its own ``forward``): a second backward restricted to those parameters
+* anything else (other layer types, a weight with more than two contributions per step, a subclass
+  with its own ``forward``): a second backward restricted to those parameters
   (``backward(inputs=...)``), i.e. the two-pass method for them only. Logged once.
+
+A weight with two contributions, from tied modules (an embedding shared with the LM head) or from a
+module called twice, is rebuilt as the sum of the two, as autograd sums them: two terms add up to the
+same bits in either order. (Three would not: autograd's order would have to be replayed.) Without it a
+tied embedding would need a second backward down to the embedding, i.e. a whole one.
 
 Under autocast (bf16/fp16 mixed precision) a ``Linear`` multiplies in the autocast dtype: its input is
 recorded cast as autocast casts it (one copy shared by the modules that read the same input), the
@@ -54,15 +59,25 @@ class RebuildMismatchError(RuntimeError):
     """A rebuilt gradient differs from the one autograd computed."""
 
 
+#: the most contributions to one weight's gradient that are rebuilt (two add up in either order)
+MAX_CONTRIBUTIONS = 2
+
+
+@dataclass
+class _Call:
+    """One call of a covered module in this step's forward: what its weight's contribution is built from."""
+
+    inputs: torch.Tensor
+    cast: bool  # multiplied in the autocast dtype: the gradient is cast back to the weight's
+    output_grad: torch.Tensor | None = None
+
+
 @dataclass
 class _Record:
     module: nn.Module
     kind: str  # "linear" | "embedding"
-    calls: int = 0
-    inputs: torch.Tensor | None = None
-    output_grad: torch.Tensor | None = None
-    cast: bool = False  # multiplied in the autocast dtype: the gradient is cast back to the weight's
-    handles: list[Any] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
+    unusual: bool = False  # a call the rebuild does not cover: the weight is left to autograd
 
 
 def _kind(module: nn.Module) -> str | None:
@@ -91,20 +106,25 @@ class GradientRebuilder:
         for module in model.modules():
             for p in module.parameters(recurse=False):
                 users[id(p)] = users.get(id(p), 0) + 1
-        self._records: dict[int, _Record] = {}  # id(weight) -> record
+        self._records: dict[int, list[_Record]] = {}  # id(weight) -> its modules' records (2 if tied)
         self._by_module: dict[int, _Record] = {}  # id(module) -> record (a wrapper may swap the weight)
         for module in model.modules():
             kind = _kind(module)
             w = getattr(module, "weight", None)
-            # a weight shared by two modules (tied embeddings) gets two contributions: not rebuilt
-            if kind is None or w is None or id(w) not in wanted or users.get(id(w), 0) != 1:
+            if kind is None or w is None or id(w) not in wanted or users.get(id(w), 0) > MAX_CONTRIBUTIONS:
                 continue
-            self._records[id(w)] = self._by_module[id(module)] = _Record(module, kind)
+            rec = self._by_module[id(module)] = _Record(module, kind)
+            self._records.setdefault(id(w), []).append(rec)
+        for w, recs in list(self._records.items()):
+            if len(recs) != users[w]:  # shared with a module the rebuild does not cover
+                del self._records[w]
+                for rec in recs:
+                    del self._by_module[id(rec.module)]
         self._model = model
         self._recording = False
         #: id(input) -> (weakref to it, its autocast copy): q/k/v read one input, record one copy
         self._casts: dict[int, tuple[Any, torch.Tensor]] = {}
-        self._hooks = [rec.module.register_forward_hook(self._on_forward) for rec in self._records.values()]
+        self._hooks = [rec.module.register_forward_hook(self._on_forward) for rec in self._by_module.values()]
         self._logged = False
 
     def close(self) -> None:
@@ -131,8 +151,8 @@ class GradientRebuilder:
         """Drop every record (and the tensors it holds)."""
         self._recording = False
         self._casts.clear()
-        for rec in self._records.values():
-            rec.calls, rec.inputs, rec.output_grad, rec.cast = 0, None, None, False
+        for rec in self._by_module.values():
+            rec.calls, rec.unusual = [], False
 
     def _on_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._recording or not torch.is_grad_enabled():
@@ -140,24 +160,24 @@ class GradientRebuilder:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         rec = self._by_module[id(module)]
-        rec.calls += 1
-        if rec.calls > 1:  # its gradient sums several calls: left to autograd
-            rec.inputs = rec.output_grad = None
+        if rec.unusual:
             return
         x = args[0] if args else None
         cast = output.dtype != module.weight.dtype
+        contributions = sum(len(r.calls) for r in self._records.get(id(module.weight), ()))
         if (
-            not isinstance(x, torch.Tensor)
+            contributions >= MAX_CONTRIBUTIONS  # a third one: the sum's order would matter
+            or not isinstance(x, torch.Tensor)
             or (cast and not (rec.kind == "linear" and _autocast_dtype(output) == output.dtype))
             or "forward" in module.__dict__  # a forward patched on the instance (e.g. TRL's fp32 LM head)
         ):
-            rec.calls = 2  # an unusual call: left to autograd
+            rec.unusual, rec.calls = True, []  # left to autograd
             return
-        rec.cast = cast
-        rec.inputs = self._autocast_copy(x.detach(), output.dtype) if cast else x.detach()
+        call = _Call(self._autocast_copy(x.detach(), output.dtype) if cast else x.detach(), cast)
+        rec.calls.append(call)
 
-        def keep(grad: torch.Tensor, rec: _Record = rec) -> None:
-            rec.output_grad = grad
+        def keep(grad: torch.Tensor, call: _Call = call) -> None:
+            call.output_grad = grad
 
         output.register_hook(keep)
 
@@ -177,14 +197,14 @@ class GradientRebuilder:
     ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
         """``(rebuilt, kept, fallback)``: how each parameter's gradient reaches the update pass.
 
-        rebuilt: weights of modules called once in this step's graph; kept: one-dimensional
-        parameters, their norm-pass gradient is kept; fallback: the rest, a second backward.
+        rebuilt: weights with one or two recorded contributions in this step's graph (a module called
+        once or twice, or two tied modules); kept: one-dimensional parameters, their norm-pass gradient
+        is kept; fallback: the rest, a second backward.
         """
         self._recording = False
         rebuilt, kept, fallback = [], [], []
         for p in params:
-            rec = self._records.get(id(p))
-            if rec is not None and rec.calls == 1 and rec.module.weight is p:
+            if self._rebuildable(p):
                 rebuilt.append(p)
             elif p.dim() <= 1:
                 kept.append(p)
@@ -202,21 +222,40 @@ class GradientRebuilder:
             )
         return rebuilt, kept, fallback
 
+    def _rebuildable(self, p: nn.Parameter) -> bool:
+        recs = self._records.get(id(p), ())
+        contributions = sum(len(rec.calls) for rec in recs)
+        return (
+            bool(recs)
+            and not any(rec.unusual or rec.module.weight is not p for rec in recs)
+            and 1 <= contributions <= MAX_CONTRIBUTIONS
+        )
+
     @torch.no_grad()
     def rebuild(self, weight: nn.Parameter) -> torch.Tensor | None:
         """The weight's gradient of this step, as autograd computes it; ``None`` if it got none.
 
-        Frees the module's records.
+        Frees the modules' records.
         """
-        rec = self._records[id(weight)]
-        x, dy = rec.inputs, rec.output_grad
-        rec.inputs = rec.output_grad = None
-        if dy is None or x is None:
+        grad = None
+        for rec in self._records[id(weight)]:
+            calls, rec.calls = rec.calls, []
+            for call in calls:
+                part = self._contribution(rec, call, weight.dtype)
+                if part is None:
+                    continue  # no gradient reached this call's output: it contributes nothing
+                grad = part if grad is None else grad.add_(part)  # two terms: either order, same bits
+        return grad
+
+    @staticmethod
+    def _contribution(rec: _Record, call: _Call, dtype: torch.dtype) -> torch.Tensor | None:
+        x, dy = call.inputs, call.output_grad
+        if dy is None:
             return None
         if rec.kind == "linear":
             # autograd's mm_mat2_backward for the transposed weight: grad.t().mm(mat1), already (out, in)
             grad = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-            return grad.to(weight.dtype) if rec.cast else grad
+            return grad.to(dtype) if call.cast else grad
         m = rec.module
         return torch.ops.aten.embedding_backward(
             dy,
