@@ -158,17 +158,21 @@ def test_clipcost_bench_steps_the_two_runs_in_turn():
     assert r["clipping_engaged"] and r["clipped_s"] > 0 and r["unclipped_s"] > 0
 
 
-@pytest.mark.parametrize("optim", ["adamw_torch_layerwise", "lomo"])
-def test_under_bf16_autocast_linear_gradients_are_rebuilt_bit_identically(optim, tmp_path):
-    # mixed precision: float32 weights, matmuls in bfloat16 (the usual GPU setup; CPU autocast here)
+@pytest.mark.parametrize(
+    ("optim", "tied"), [("adamw_torch_layerwise", False), ("lomo", False), ("adamw_torch_layerwise", True)]
+)
+def test_under_bf16_autocast_linear_gradients_are_rebuilt_bit_identically(optim, tied, tmp_path):
+    # mixed precision: float32 weights, matmuls in bfloat16 (the usual GPU setup; CPU autocast here);
+    # tied: the head's bfloat16 contribution, cast back, plus the embedding's float32 one
     kw = {**KW, "bf16": True}
-    model = tiny_llama()
+    model = tiny_llama(tie_word_embeddings=tied)
     q_fired = _count_weight_gradients(model, "model.layers.0.self_attn.q_proj.weight")
-    head_fired = _count_weight_gradients(model, "lm_head.weight")
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"  # tied: listed once, as the embedding
+    head_fired = _count_weight_gradients(model, head)
     fast = run_training(optim, tmp_path / "fast", model=model, **kw)
     assert len(q_fired) == len(head_fired) == KW["steps"]  # rebuilt, not a second backward
     assert all(n > KW["max_grad_norm"] for n in fast.grad_norms)
-    ref_model = tiny_llama()
+    ref_model = tiny_llama(tie_word_embeddings=tied)
     ref_fired = _count_weight_gradients(ref_model, "model.layers.0.self_attn.q_proj.weight")
     trainer_cls = TwoPassTrainer if optim.endswith("_layerwise") else TwoPassFusedTrainer
     ref = run_training(optim, tmp_path / "ref", model=ref_model, trainer_cls=trainer_cls, **kw)
