@@ -32,6 +32,6 @@ x.register_hook(issue_collective)
 print(f"rank {dist.get_rank()} reached the end", flush=True)  # output releases the GIL: not after backward
 (x * 2).sum().backward()
 sys.setswitchinterval(5.0)  # the main thread keeps the GIL while it runs Python
-deadline = time.perf_counter() + 0.5  # long enough for the collective to finish on both ranks
+deadline = time.perf_counter() + 1.0  # long enough for the collective to finish on both ranks
 while time.perf_counter() < deadline:
     pass
