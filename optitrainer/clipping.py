@@ -6,10 +6,11 @@ gradient right after its update (layerwise, LOMO) cannot keep them all. Running 
 = 5 units against 3, ≈ 1.67 ×.
 
 :class:`GradientRebuilder` makes the second pass cheaper. During the step's forward it records, for
-every ``nn.Linear`` and ``nn.Embedding`` whose weight it covers, the module's input (the tensor autograd
-saves anyway) and, during the norm pass, the gradient of its output. After the norm pass each weight
-gradient is rebuilt from those two with the very op autograd runs (``dY^T @ X`` as
-``mm_mat2_backward`` computes it; ``aten.embedding_backward`` for embeddings): the same bits, for one
+every ``nn.Linear``, ``nn.Embedding`` and transformers ``Conv1D`` (GPT-2's projections) whose weight it
+covers, the module's input (the tensor autograd saves anyway) and, during the norm pass, the gradient
+of its output. After the norm pass each weight gradient is rebuilt from those two with the very op
+autograd runs (``dY^T @ X``, or ``X^T @ dY`` for ``Conv1D``'s ``(in, out)`` weight, as
+``mm_mat2_backward`` computes them; ``aten.embedding_backward`` for embeddings): the same bits, for one
 weight-gradient matmul instead of a whole backward. Forward 1 + backward 2 + rebuild 1 = 4 units,
 ≈ 1.33 ×.
 
@@ -40,6 +41,7 @@ a mismatch (e.g. a weight also used outside its module) raises instead of traini
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import weakref
@@ -75,7 +77,7 @@ class _Call:
 @dataclass
 class _Record:
     module: nn.Module
-    kind: str  # "linear" | "embedding"
+    kind: str  # "linear" | "conv1d" | "embedding"
     calls: list[_Call] = field(default_factory=list)
     unusual: bool = False  # a call the rebuild does not cover: the weight is left to autograd
 
@@ -83,6 +85,9 @@ class _Record:
 def _kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
+    conv1d = _transformers_conv1d()
+    if conv1d is not None and isinstance(module, conv1d) and type(module).forward is conv1d.forward:
+        return "conv1d"
     if (
         isinstance(module, nn.Embedding)
         and type(module).forward is nn.Embedding.forward
@@ -94,7 +99,7 @@ def _kind(module: nn.Module) -> str | None:
 
 
 class GradientRebuilder:
-    """Rebuilds the weight gradients of a model's ``nn.Linear``/``nn.Embedding`` modules from one step's records.
+    """Rebuilds the weight gradients of a model's ``Linear``/``Conv1D``/``Embedding`` modules from one step's records.
 
     Use per step: :meth:`start` before the forward, :meth:`plan` after it (before the norm pass),
     :meth:`rebuild` for each planned weight after the norm pass, :meth:`finish` at the end.
@@ -168,7 +173,7 @@ class GradientRebuilder:
         if (
             contributions >= MAX_CONTRIBUTIONS  # a third one: the sum's order would matter
             or not isinstance(x, torch.Tensor)
-            or (cast and not (rec.kind == "linear" and _autocast_dtype(output) == output.dtype))
+            or (cast and not (rec.kind != "embedding" and _autocast_dtype(output) == output.dtype))
             or "forward" in module.__dict__  # a forward patched on the instance (e.g. TRL's fp32 LM head)
         ):
             rec.unusual, rec.calls = True, []  # left to autograd
@@ -256,6 +261,10 @@ class GradientRebuilder:
             # autograd's mm_mat2_backward for the transposed weight: grad.t().mm(mat1), already (out, in)
             grad = torch.mm(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
             return grad.to(dtype) if call.cast else grad
+        if rec.kind == "conv1d":
+            # addmm's row-major (in, out) weight: mm_mat2_backward's mat1.t().mm(grad)
+            grad = torch.mm(x.reshape(-1, x.shape[-1]).t(), dy.reshape(-1, dy.shape[-1]))
+            return grad.to(dtype) if call.cast else grad
         m = rec.module
         return torch.ops.aten.embedding_backward(
             dy,
@@ -265,6 +274,16 @@ class GradientRebuilder:
             m.scale_grad_by_freq,
             False,
         )
+
+
+@functools.cache
+def _transformers_conv1d() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's projections: ``addmm(bias, x, weight)``, weight ``(in, out)``)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
 
 def _autocast_dtype(output: torch.Tensor) -> torch.dtype | None:

@@ -179,3 +179,39 @@ def test_under_bf16_autocast_linear_gradients_are_rebuilt_bit_identically(optim,
     assert len(ref_fired) == 2 * KW["steps"]
     assert fast.grad_norms == ref.grad_norms
     assert_same_run(fast, ref)  # atol 0: the same bits as autograd's bfloat16 gradients
+
+
+def tiny_gpt2():
+    """GPT-2's projections are transformers ``Conv1D`` (``addmm`` with an ``(in, out)`` weight); its head is tied."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from optitrainer.testing import TINY_VOCAB
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=TINY_VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    return GPT2LMHeadModel(config).float()
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16-autocast"])
+def test_gpt2_conv1d_and_tied_head_are_rebuilt_bit_identically(bf16, tmp_path):
+    kw = {**KW, "bf16": bf16}
+    model = tiny_gpt2()
+    fired = {
+        name: _count_weight_gradients(model, name)
+        for name in (
+            "transformer.h.0.attn.c_attn.weight",
+            "transformer.h.1.mlp.c_proj.weight",
+            "transformer.wte.weight",
+        )
+    }
+    lw = run_training("adamw_torch_layerwise", tmp_path / "lw", model=model, **kw)
+    assert all(len(f) == KW["steps"] for f in fired.values()), {n: len(f) for n, f in fired.items()}
+    ref = run_training(
+        "adamw_torch_layerwise", tmp_path / "ref", model=tiny_gpt2(), trainer_cls=TwoPassTrainer, **kw
+    )
+    assert lw.grad_norms == ref.grad_norms
+    assert all(n > KW["max_grad_norm"] for n in lw.grad_norms)
+    assert_same_run(lw, ref)  # atol 0: the same bits
+    std = run_training("adamw_torch", tmp_path / "std", model=tiny_gpt2(), **kw)
+    assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
+    assert_same_run(lw, std, atol=1e-6)
