@@ -1,13 +1,14 @@
 """A clean process exit after training over gloo (CPU data parallelism).
 
-torch's gloo process group destroys each finished collective on its own worker thread. A collective
-issued during backward (DDP's buckets, the layerwise engine's per-parameter averages) holds autograd's
-Python context in the thread-local state it captured, so destroying it takes the GIL. When the main
-thread reaches interpreter finalization before that worker thread got the GIL, the worker is killed
-inside a destructor and the process aborts ("terminate called without an active exception", SIGABRT)
-although training finished: torchrun then reports the launch as failed (pytorch/pytorch#190489; about 1
-launch in 20 of ``examples/distributed/train.py`` on a 2-core machine). An exit handler that releases
-the GIL for a moment lets those threads finish first. It waits for no other rank, so it cannot hang.
+torch's gloo process group destroys each finished collective on its own worker thread, which can take
+the GIL: a collective issued during backward (DDP's buckets, the layerwise engine's per-parameter
+averages) holds autograd's Python context in the thread-local state it captured, and an all-gather holds
+output tensors that Python still references. When the main thread reaches interpreter finalization
+before that worker thread got the GIL, the worker is killed inside a destructor and the process aborts
+("terminate called without an active exception", SIGABRT) although training finished: torchrun then
+reports the launch as failed (pytorch/pytorch#190489; about 1 launch in 20 of
+``examples/distributed/train.py`` on a 2-core machine). An exit handler that releases the GIL for a
+moment lets those threads finish first. It waits for no other rank, so it cannot hang.
 """
 
 from __future__ import annotations

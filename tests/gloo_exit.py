@@ -29,7 +29,7 @@ def issue_collective(grad):
 
 
 x.register_hook(issue_collective)
-print(f"rank {dist.get_rank()} reached the end", flush=True)  # output releases the GIL: not after backward
+print(f"rank {dist.get_rank()} issues the collective", flush=True)  # output releases the GIL: before
 (x * 2).sum().backward()
 sys.setswitchinterval(5.0)  # the main thread keeps the GIL while it runs Python
 deadline = time.perf_counter() + 1.0  # long enough for the collective to finish on both ranks

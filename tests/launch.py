@@ -20,8 +20,8 @@ def torchrun(
 ):
     """Run ``torchrun --standalone --nproc_per_node nproc script args`` and return the finished process.
 
-    Raises ``AssertionError`` with the tail of the output when it fails (unless ``check=False``); on timeout the whole process
-    group (launcher and ranks) is killed first.
+    Raises ``AssertionError`` with the tail of the output when it fails (unless ``check=False``); on
+    timeout the whole process group (launcher and ranks) is killed first.
     """
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [exe, "--standalone", "--nproc_per_node", str(nproc), str(script), *map(str, script_args)]
