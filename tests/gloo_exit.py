@@ -29,7 +29,8 @@ def issue_collective(grad):
 
 
 x.register_hook(issue_collective)
-print(f"rank {dist.get_rank()} issues the collective", flush=True)  # output releases the GIL: before
+# printed before backward: writing output releases the GIL, which would let the worker thread finish
+print(f"rank {dist.get_rank()} issues the collective", flush=True)
 (x * 2).sum().backward()
 sys.setswitchinterval(5.0)  # the main thread keeps the GIL while it runs Python
 deadline = time.perf_counter() + 1.0  # long enough for the collective to finish on both ranks
