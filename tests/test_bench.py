@@ -155,7 +155,9 @@ def test_clip_cost_prints_the_clipped_over_unclipped_ratio(capsys):
     row = next(line for line in lines if line.startswith("lomo "))
     name, clipped_ms, plain_ms, ratio, _pairwise, engaged = row.split()
     assert name == "lomo" and engaged == "True"  # the norm exceeded 0.5: the clipped run did clip
-    assert float(ratio) == pytest.approx(float(clipped_ms) / float(plain_ms), rel=1e-2)
+    # the medians are printed to 0.1 ms: the ratio lies within what that rounding allows
+    c, u = float(clipped_ms), float(plain_ms)
+    assert (c - 0.05) / (u + 0.05) - 1e-3 <= float(ratio) <= (c + 0.05) / (u - 0.05) + 1e-3
 
 
 def test_clip_cost_refuses_what_it_does_not_measure(capsys):
