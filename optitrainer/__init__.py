@@ -22,12 +22,14 @@ from .errors import (
     OptiTrainerError,
     PluginLoadError,
     UnknownOptimizerError,
+    UnsupportedVersionError,
 )
 from .registry import OptimizerInfo, Provenance, ResolvedOptimizer, get_optimizer, list_optimizers, register
 
 if TYPE_CHECKING:
     from .arguments import OptiArgumentsMixin, OptimizerChoice, OptiTrainingArguments, with_optitrainer
     from .trainer import OptiTrainer, OptiTrainerMixin
+    from .trainer_contract import check_environment
 
 # torch and transformers load on first use of the trainer side, so that listing plugins
 # (`optitrainer list`, `import optitrainer.plugin`) stays cheap
@@ -38,6 +40,7 @@ _LAZY = {
     "with_optitrainer": "arguments",
     "OptiTrainer": "trainer",
     "OptiTrainerMixin": "trainer",
+    "check_environment": "trainer_contract",
 }
 
 
@@ -74,8 +77,10 @@ __all__ = [
     "Provenance",
     "ResolvedOptimizer",
     "UnknownOptimizerError",
+    "UnsupportedVersionError",
     "get_optimizer",
     "list_optimizers",
+    "check_environment",
     "register",
     "release_gloo_workers_at_exit",
     "with_optitrainer",

@@ -33,3 +33,8 @@ class PluginLoadError(OptiTrainerError, ImportError):
 
 class LaunchError(OptiTrainerError, RuntimeError):
     """The launcher started fewer processes than its configuration asks for."""
+
+
+class UnsupportedVersionError(OptiTrainerError, ImportError):
+    """The installed transformers, accelerate or torch lies outside the range optitrainer was tested on,
+    or lacks a hook the trainer relies on."""

@@ -24,6 +24,7 @@ from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
 from .plugin import BackwardContext, BuildContext
+from .trainer_contract import check_environment
 
 logger = logging.getLogger("optitrainer")
 
@@ -49,6 +50,8 @@ class OptiTrainerMixin:
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # before the Trainer touches the model: a release whose hooks changed would train silently wrong
+        check_environment()
         super().__init__(*args, **kwargs)
         self._opti_optimizer: torch.optim.Optimizer | None = None
         self._opti_grad_norm: float | None = None
@@ -195,13 +198,33 @@ class OptiTrainerMixin:
 
     @contextlib.contextmanager
     def _backward_replaced_by(self, backward) -> Iterator[None]:
-        """Route the stock ``accelerator.backward(loss, **kw)`` to ``backward(loss, accelerator_backward, **kw)``."""
+        """Route the stock ``accelerator.backward(loss, **kw)`` to ``backward(loss, accelerator_backward, **kw)``.
+
+        Raises if the step ends without that call: a ``training_step`` that stopped calling
+        ``accelerator.backward`` would leave clipping and the fused update undone, silently.
+        """
         accelerator_backward = self.accelerator.backward
-        self.accelerator.backward = lambda loss, **kw: backward(loss, accelerator_backward, **kw)
+        calls = []
+
+        def replaced(loss, **kw):
+            calls.append(1)
+            return backward(loss, accelerator_backward, **kw)
+
+        self.accelerator.backward = replaced
         try:
             yield
         finally:
             del self.accelerator.backward  # back to the class's method
+        if not calls:
+            import transformers
+
+            raise RuntimeError(
+                f"transformers {transformers.__version__}'s {type(self).__name__}.training_step ran without "
+                "calling accelerator.backward, which optitrainer replaces to run the optimizer's backward "
+                "(layerwise hooks, clipping, fused update): this training step was not done as the optimizer "
+                f"needs. {type(self).__name__} overrides training_step? Call self.accelerator.backward(loss) "
+                "in it, as Trainer.training_step does."
+            )
 
     @contextlib.contextmanager
     def _plugin_backward(self, model) -> Iterator[None]:
