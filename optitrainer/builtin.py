@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from .plugin import BuildContext, Capabilities, OptimizerSpec, Option
+from .plugin import BuildContext, Capabilities, OptimizerSpec, Option, needs_torch
 
 #: elementwise updates: right on flattened ZeRO partitions and FSDP shards too
 ELEMENTWISE = Capabilities(layerwise=True, distributed=frozenset({"ddp", "deepspeed", "fsdp"}))
@@ -249,6 +249,7 @@ MUON = OptimizerSpec(
         distributed=frozenset({"ddp"}),
         distributed_note="Newton-Schulz orthogonalizes whole 2-D weights; ZeRO flattens and FSDP shards them",
     ),
+    validate_arguments=lambda args, options: needs_torch("2.9", "torch.optim.Muon", "muon"),
     docs=(
         "Muon orthogonalizes the update of each hidden weight matrix. Every 2-D parameter whose name does "
         "not match `exclude` (by default: token/position embeddings and the output head) goes to "

@@ -52,6 +52,7 @@ __all__ = [
     "OptimizerSpec",
     "DISTRIBUTED_MODES",
     "ENGINE_MODES",
+    "needs_torch",
 ]
 
 #: Exact clipping for plugins that update inside backward (see :mod:`optitrainer.clipping`): public here,
@@ -401,6 +402,23 @@ class OptimizerSpec:
         return "pip install " + " ".join(
             f"'{r}'" if any(c in r for c in "<>=!~") else r for r in self.requires
         )
+
+
+def needs_torch(release: str, what: str, who: str) -> list[str]:
+    """``[]`` when the installed torch is ``release`` or newer, else the refusal naming ``what`` and the fix.
+
+    For a spec's ``validate_arguments``, so that a feature of a newer torch is refused when the arguments
+    are built: ``validate_arguments=lambda args, options: needs_torch("2.9", "torch.optim.Muon", "muon")``.
+    """
+    import torch
+    from packaging.version import Version
+
+    if Version(Version(torch.__version__).public) >= Version(release):
+        return []
+    return [
+        f"{who} needs {what}, which torch {torch.__version__} lacks (added in torch {release}); "
+        f"pip install 'torch>={release}' (the build for your CUDA, or the CPU build), or pick another optimizer"
+    ]
 
 
 def select_target_linears(

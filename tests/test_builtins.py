@@ -84,6 +84,34 @@ def test_muon_split_hidden_matrices_vs_rest():
     assert all(p.ndim == 2 for _, p in muon)
 
 
+NO_MUON = pytest.mark.skipif(
+    not hasattr(torch.optim, "Muon"), reason="torch < 2.9 has no torch.optim.Muon: muon is refused (tested below)"
+)
+
+
+def test_muon_is_refused_exactly_when_torch_lacks_it(tmp_path):
+    from optitrainer import IncompatibleConfigError, OptiTrainingArguments
+
+    if hasattr(torch.optim, "Muon"):
+        OptiTrainingArguments(str(tmp_path), optim="muon", report_to="none")
+        return
+    with pytest.raises(IncompatibleConfigError) as info:  # when the arguments are built
+        OptiTrainingArguments(str(tmp_path), optim="muon", report_to="none")
+    msg = str(info.value)
+    assert f"muon needs torch.optim.Muon, which torch {torch.__version__} lacks (added in torch 2.9)" in msg
+    assert "pip install 'torch>=2.9'" in msg
+
+
+def test_needs_torch_names_the_feature_the_release_and_the_fix():
+    from optitrainer.plugin import needs_torch
+
+    assert needs_torch("2.6", "torch.distributed.fsdp.fully_shard", "x") == []  # the declared floor
+    (msg,) = needs_torch("99.1", "torch.optim.Future", "future_opt")
+    assert msg.startswith(f"future_opt needs torch.optim.Future, which torch {torch.__version__} lacks")
+    assert "(added in torch 99.1); pip install 'torch>=99.1'" in msg
+
+
+@NO_MUON
 def test_muon_trains_and_its_exclude_is_configurable(tmp_path):
     run = run_training("muon", tmp_path / "a", steps=30, learning_rate=3e-3)
     assert_learns(run)
@@ -99,6 +127,7 @@ def test_muon_trains_and_its_exclude_is_configurable(tmp_path):
     assert any(p is mlp for g in opt2.param_groups if not g["use_muon"] for p in g["params"])
 
 
+@NO_MUON
 def test_muon_resumes_exactly(tmp_path):
     straight = run_training("muon", tmp_path / "straight", steps=8)
     run_training("muon", tmp_path / "half", steps=8, save_strategy="steps", save_steps=4)
