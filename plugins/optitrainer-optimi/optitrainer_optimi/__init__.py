@@ -103,11 +103,27 @@ def _build(cls_name: str, *, betas: str, eps: bool, keys: tuple[str, ...]):
         kwargs.update(decouple_lr=o["decouple_lr"], max_lr=o["max_lr"], kahan_sum=o["kahan_sum"])
         # the core's layerwise engine steps each parameter from its own hook: a plain optimizer here
         kwargs["gradient_release"] = False
-        optimizer = getattr(optimi, cls_name)(ctx.param_groups(), **kwargs)
+        groups = ctx.param_groups()
+        kwargs["triton"] = _triton_for([p for g in groups for p in g["params"]])
+        optimizer = getattr(optimi, cls_name)(groups, **kwargs)
         optimizer.register_load_state_dict_post_hook(_kernels_for_this_device)
         return optimizer
 
     return factory
+
+
+def _triton_for(params: list) -> bool:
+    """optimi's own rule for its Triton kernels, applied to the parameters they would run on.
+
+    optimi 0.3.3 decides ``triton=None`` in its first step from the list of parameters it has collected
+    so far -- still empty, and ``all([])`` is true -- so wherever Triton is importable (every CUDA build
+    of torch) it runs Triton kernels on CPU tensors and crashes ("0 active drivers"). Deciding here, on
+    the real parameters, keeps the kernels optimi meant: Triton on a bf16-capable GPU, its for-each or
+    per-tensor path elsewhere (the same numbers as an installation without Triton).
+    """
+    from optimi.utils import _default_to_triton
+
+    return bool(params) and _default_to_triton(params)
 
 
 def _kernels_for_this_device(optimizer) -> None:

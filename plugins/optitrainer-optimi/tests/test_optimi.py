@@ -378,6 +378,22 @@ def test_checkpoint_written_with_triton_resumes_on_cpu(tmp_path):
 # --- packaging and the guide ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("name", ["stable_adamw", "optimi_lion", "stable_adamw_layerwise"])
+def test_cpu_training_where_triton_is_installed_runs_optimis_cpu_kernels(tmp_path, name, monkeypatch):
+    """optimi 0.3.3 picks Triton from an empty parameter list: with Triton importable (any CUDA build of
+    torch) it ran Triton kernels on CPU tensors and crashed ("0 active drivers"). The plugin decides on the
+    real parameters, so the run is the one an installation without Triton gives, bit for bit."""
+    import optimi.utils
+
+    plain = run_training(name, tmp_path / "plain", steps=3)
+    monkeypatch.setattr(optimi.utils, "HAS_TRITON", True)  # what torch's CUDA wheels bring along
+    with_triton = run_training(name, tmp_path / "triton", steps=3)
+    opt = with_triton.trainer.optimizer.optimizer
+    groups = [g for o in getattr(opt, "inner", {None: opt}).values() for g in o.param_groups]
+    assert groups and not any(g["triton"] for g in groups)
+    assert_same_run(with_triton, plain)
+
+
 def test_spec_module_imports_neither_torch_nor_optimi():
     """`optitrainer list` imports the spec module: only the plugin API and the stdlib at module level."""
     import optitrainer_optimi
