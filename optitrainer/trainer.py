@@ -306,9 +306,26 @@ class OptiTrainerMixin:
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
+    @contextlib.contextmanager
+    def _indexed_cpu_named_plainly(self) -> Iterator[None]:
+        """transformers < 5.18 loads a multi-process CPU run's optimizer with ``map_location=args.device``:
+        ``cpu:0`` under gloo, which torch cannot restore ("don't know how to restore data location ...
+        tagged with cpu:0"; plain ``Trainer`` fails the same way). The same CPU, named plainly for the load.
+        """
+        device = self.args.device
+        if self.args.world_size > 1 and device.type == "cpu" and device.index is not None:
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached_property's slot
+            try:
+                yield
+            finally:
+                self.args.__dict__["_setup_devices"] = device
+        else:
+            yield
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not self._layerwise_sharded():
-            return super()._load_optimizer_and_scheduler(checkpoint)
+            with self._indexed_cpu_named_plainly():
+                return super()._load_optimizer_and_scheduler(checkpoint)
         from transformers.trainer import SCHEDULER_NAME
 
         from .distributed_checkpoint import load_sharded
