@@ -225,7 +225,7 @@ def test_command_line_through_hf_argument_parser():
 
 
 def test_mixin_for_other_argument_classes():
-    from trl import SFTConfig
+    SFTConfig = pytest.importorskip("trl", reason="TRL is a test extra (not in the floor run)").SFTConfig
 
     OptiSFTConfig = with_optitrainer(SFTConfig)
     cfg = OptiSFTConfig(

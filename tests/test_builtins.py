@@ -85,7 +85,8 @@ def test_muon_split_hidden_matrices_vs_rest():
 
 
 NO_MUON = pytest.mark.skipif(
-    not hasattr(torch.optim, "Muon"), reason="torch < 2.9 has no torch.optim.Muon: muon is refused (tested below)"
+    not hasattr(torch.optim, "Muon"),
+    reason="torch < 2.9 has no torch.optim.Muon: muon is refused (tested below)",
 )
 
 

@@ -262,7 +262,7 @@ def test_transformers_8bit_without_cuda_fails_only_inside_the_first_step(tmp_pat
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = transformers.Trainer(model=model, args=args, train_dataset=SyntheticLMDataset(n=8))  # accepted
     # a forward, a backward and part of the update run; then upstream's torch.cuda.synchronize() fails
-    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA|no NVIDIA driver"):  # CPU or CUDA torch
         trainer.train()
     touched = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert touched  # the weights were already modified when it failed
@@ -482,6 +482,8 @@ def test_all_linear_includes_the_head_like_transformers():
 
 
 def test_guide_examples_run(capsys, monkeypatch):
+    for extra in ("trl", "datasets"):  # the guide's SFTTrainer example (test extras, not in the floor run)
+        pytest.importorskip(extra)
     monkeypatch.setattr(sys, "argv", ["galore.py"])
     runpy.run_path(str(REPO / "examples" / "guide" / "galore.py"), run_name="__main__")
     out = capsys.readouterr().out

@@ -67,6 +67,8 @@ def runs(tmp_path_factory):
     cache = {}
 
     def get(key: str, name: str, *, reference: bool = False, steps: int = 20, **overrides):
+        if reference:
+            skip_if_transformers_cannot_build_schedulefree()
         ident = (key, name, reference)
         if ident not in cache:
             who = "transformers" if reference else "optitrainer"
@@ -85,6 +87,22 @@ def runs(tmp_path_factory):
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def skip_if_transformers_cannot_build_schedulefree() -> None:
+    """transformers before 5.4 on Python 3.10 cannot read schedulefree's version: the wheel has no
+    top_level.txt, which 3.10's ``packages_distributions`` needs, and ``Trainer`` crashes on "N/A". The
+    reference run then cannot exist (OptiTrainer is unaffected: it does not ask transformers)."""
+    from packaging.version import InvalidVersion, Version
+    from transformers.utils.import_utils import _is_package_available
+
+    try:
+        Version(_is_package_available("schedulefree", return_version=True)[1])
+    except InvalidVersion:
+        pytest.skip(
+            f"transformers {transformers.__version__}'s Trainer cannot build schedule-free optimizers on "
+            "this Python (it reads schedulefree's version as 'N/A'): no reference run"
+        )
 
 
 def raw(optimizer):
@@ -285,6 +303,7 @@ class AppliedLearningRate(TrainerCallback):
 def test_logged_learning_rate_is_the_applied_one(tmp_path, name):
     """warmup_steps=5 with the default linear schedule: transformers applies the warmup twice and logs
     the scheduler's rate; optitrainer trains the same numbers and logs the rate the update applied."""
+    skip_if_transformers_cannot_build_schedulefree()
     logged, applied, finals = {}, {}, {}
     for who, classes in (("transformers", HF), ("optitrainer", {})):
         probe = AppliedLearningRate()
@@ -340,6 +359,7 @@ def test_warmup_ratio_is_steps_not_a_tenfold_first_step(tmp_path):
     """transformers passes warmup_steps=0.1 (a ratio) to the optimizer as is: its first step applies
     lr / 0.1 = 10 x lr (with the recommended constant schedule). optitrainer converts the ratio to
     steps as the scheduler does: ceil(0.1 * 20) = 2."""
+    skip_if_transformers_cannot_build_schedulefree()
     args = training_arguments(tmp_path, optim="schedule_free_adamw", warmup_steps=0.1, **CONSTANT)
     hf_args = training_arguments(tmp_path, arguments_cls=transformers.TrainingArguments, optim="schedule_free_adamw", warmup_steps=0.1, **CONSTANT)  # fmt: skip
     model = tiny_llama()
@@ -379,7 +399,8 @@ def test_warmup_ratio_is_steps_not_a_tenfold_first_step(tmp_path):
 def test_evaluating_and_saving_do_not_change_training(runs, name):
     plain = runs("plain", name, **CONSTANT)
     busy = runs("eval-save", name, **CONSTANT, **EVAL_AND_SAVE)
-    assert len(busy.eval_losses) == 7 and (busy.output_dir / "checkpoint-12").is_dir()
+    # every 3 steps of 20: 6 (transformers 5.3); 5.25 also evaluates after the last step: 7
+    assert len(busy.eval_losses) >= 20 // 3 and (busy.output_dir / "checkpoint-12").is_dir()
     assert_same_run(plain, busy)  # same losses and final weights, to the bit
 
 
