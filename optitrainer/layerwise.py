@@ -39,6 +39,7 @@ state a checkpoint loads into).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -47,6 +48,7 @@ import torch
 from torch import nn
 
 from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
+from .data_parallel import BucketedAverager
 from .plugin import BuildContext, OptimizerSpec
 
 
@@ -59,6 +61,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         max_grad_norm: float,
         average_gradient: Callable[[torch.Tensor], None] | None = None,
         model: nn.Module | None = None,
+        averager: BucketedAverager | None = None,
     ):
         groups = []
         for name, param, inner in named_optimizers:
@@ -78,6 +81,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         #: averages a gradient across data-parallel ranks in place (DDP); ``None`` on one process
         self.average_gradient = average_gradient
+        #: averages in buckets, overlapped with the rest of backward (DDP); replaces ``average_gradient``
+        self.averager = averager
         self._handles: list[Any] = []
         self._sync = True
         self._measuring = False
@@ -116,8 +121,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         name = self._name_of[id(param)]
         if not self._sync:
             return  # accumulating: keep the gradient for the next micro-batch
+        if self.averager is not None:  # stepped when its bucket's average arrives
+            grad, param.grad = param.grad, None
+            self.averager.add(grad, functools.partial(self._averaged, name, param))
+            return
         if self.average_gradient is not None:
             self.average_gradient(param.grad)
+        self._consume(name, param)
+
+    @torch.no_grad()
+    def _averaged(self, name: str, param: nn.Parameter, average: torch.Tensor) -> None:
+        # ``average`` is a view into a bucket reused after this call: what is kept is copied
+        param.grad = (
+            average.clone() if self._measuring and self._kept is not None and param.dim() <= 1 else average
+        )
+        self._consume(name, param)
+
+    def _consume(self, name: str, param: nn.Parameter) -> None:
+        """Measure ``param.grad`` (norm pass) or step on it (update), then free it."""
         if self._measuring:
             self._sq_norms[name] = torch.linalg.vector_norm(param.grad, 2.0)
             if self._kept is not None and param.dim() <= 1:
@@ -125,6 +146,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             param.grad = None
             return
         self._update(name, param)
+
+    def _run_backward(self, run_backward: Callable[..., None], loss: torch.Tensor, **kwargs: Any) -> None:
+        """One backward pass, then the last buckets' averages (every hook's gradient is consumed after)."""
+        run_backward(loss, **kwargs)
+        if self.averager is not None:
+            self.averager.flush()
 
     @torch.no_grad()
     def _update(self, name: str, param: nn.Parameter) -> None:
@@ -229,19 +256,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if run_backward is None:
             run_backward = _plain_backward
         if not self.clips:
-            run_backward(loss, **kwargs)
+            self._run_backward(run_backward, loss, **kwargs)
             return
         if self._can_rebuild():
             self._backward_rebuilding(loss, run_backward, **kwargs)
             return
         self._measuring, self._sq_norms = True, {}
         try:
-            run_backward(loss, **{**kwargs, "retain_graph": True})
+            self._run_backward(run_backward, loss, **{**kwargs, "retain_graph": True})
         finally:
             self._measuring = False
         self._set_clip_coef()
         try:
-            run_backward(loss, **kwargs)
+            self._run_backward(run_backward, loss, **kwargs)
         finally:
             self._clip_coef = None
 
@@ -260,7 +287,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         rebuilt, _, fallback = self._rebuilder.plan(params)
         self._measuring, self._sq_norms, self._kept = True, {}, {}
         try:
-            run_backward(loss, **({**kwargs, "retain_graph": True} if fallback else kwargs))
+            self._run_backward(
+                run_backward, loss, **({**kwargs, "retain_graph": True} if fallback else kwargs)
+            )
         finally:
             self._measuring = False
         kept, self._kept = self._kept, None
@@ -270,7 +299,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             if (
                 used
             ):  # the two-pass method for what nothing rebuilds; first: the graph saved the other weights
-                run_backward(loss, **{**kwargs, "inputs": used})
+                self._run_backward(run_backward, loss, **{**kwargs, "inputs": used})
             rebuilt_ids = {id(p) for p in rebuilt}
             for group in self.param_groups:
                 name, p = group["param_name"], group["params"][0]
@@ -278,6 +307,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     continue  # no gradient this step: no update, as without clipping
                 if id(p) in rebuilt_ids:
                     grad = self._rebuilder.rebuild(p)
+                    if self.averager is not None and grad is not None:
+                        # averaged in buckets while the next weights are rebuilt
+                        self.averager.add(grad, functools.partial(self._rebuilt_averaged, name, p))
+                        continue
                     if self.average_gradient is not None and grad is not None:
                         self.average_gradient(grad)
                     check_rebuilt(name, grad, self._sq_norms[name])
@@ -287,9 +320,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     continue  # fallback: stepped by the second backward above
                 p.grad = grad
                 self._update(name, p)
+            if self.averager is not None:
+                self.averager.flush()
         finally:
             self._clip_coef = None
             self._rebuilder.finish()
+
+    @torch.no_grad()
+    def _rebuilt_averaged(self, name: str, param: nn.Parameter, average: torch.Tensor) -> None:
+        check_rebuilt(name, average, self._sq_norms[name])
+        param.grad = average
+        self._update(name, param)
 
     def _set_clip_coef(self) -> None:
         # the same reduction as torch.nn.utils.clip_grad_norm_: norm of the per-tensor norms, in param order
@@ -373,11 +414,13 @@ def build_layerwise(
     ctx: BuildContext,
     max_grad_norm: float,
     average_gradient: Callable[[torch.Tensor], None] | None = None,
+    averager: BucketedAverager | None = None,
 ) -> LayerwiseOptimizer:
     """One optimizer per trainable parameter, each built by the plugin's own factory.
 
     ``average_gradient`` averages a gradient across data-parallel ranks (DDP), see
-    :func:`optitrainer.data_parallel.gradient_averager`.
+    :func:`optitrainer.data_parallel.gradient_averager`; ``averager`` does it in buckets overlapped with
+    backward (:class:`~optitrainer.data_parallel.BucketedAverager`) and takes precedence.
     """
     named = ctx.named_parameters()
     if not named:
@@ -387,7 +430,11 @@ def build_layerwise(
         opt = spec.factory(replace(ctx, parameters=[(name, p)], layerwise=True))
         per_param.append((name, p, opt))
     return LayerwiseOptimizer(
-        per_param, max_grad_norm=max_grad_norm, average_gradient=average_gradient, model=ctx.model
+        per_param,
+        max_grad_norm=max_grad_norm,
+        average_gradient=average_gradient,
+        model=ctx.model,
+        averager=averager,
     )
 
 

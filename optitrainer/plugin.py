@@ -326,6 +326,12 @@ class BackwardContext:
     #: ``average_gradient(grad)`` averages a gradient across the data-parallel ranks in place (a no-op on
     #: one process, and where the engine already reduced it); call it before using a gradient
     average_gradient: Callable[[torch.Tensor], None] = field(default=lambda grad: None)
+    #: the same averaging in buckets overlapped with backward, as DDP's reducer does (``None`` where no
+    #: averaging is needed): ``averager.add(grad, on_ready)`` takes a gradient the plugin no longer needs
+    #: and later calls ``on_ready(average)``, in the order of the ``add`` calls (``average`` may be a view
+    #: into a reused bucket: copy what you keep); ``averager.flush()`` when your backward returns delivers
+    #: the rest. Preferred to ``average_gradient``, which blocks on one collective per gradient.
+    averager: Any = None
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ flags for everything around the loop (who runs the backward pass, train/eval mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -19,7 +20,14 @@ from transformers.trainer_callback import ExportableState
 from .arguments import OptimizerChoice, choose_optimizer
 from .clean_exit import release_gloo_workers_at_exit
 from .compat import check_arguments, raise_conflicts
-from .data_parallel import average_gradients, gradient_averager, replicate_without_ddp, without_ddp_reduction
+from .data_parallel import (
+    BucketedAverager,
+    average_gradients,
+    bucketed_averager,
+    gradient_averager,
+    replicate_without_ddp,
+    without_ddp_reduction,
+)
 from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
@@ -111,6 +119,7 @@ class OptiTrainerMixin:
                 ctx,
                 max_grad_norm=self.args.max_grad_norm,
                 average_gradient=self._average_gradient,
+                averager=self._bucketed_averager,
             )
         else:
             optimizer = resolved.spec.factory(ctx)
@@ -154,6 +163,16 @@ class OptiTrainerMixin:
     def _average_gradient(self):
         """Averages a gradient across ranks in place where the engine will not (DDP); else ``None``."""
         return gradient_averager(self.opti_engine) if self.opti_engine.kind == "ddp" else None
+
+    @functools.cached_property
+    def _bucketed_averager(self) -> BucketedAverager | None:
+        """Averages gradients in buckets overlapped with backward where the engine will not (DDP); else ``None``.
+
+        Buckets of ``ddp_bucket_cap_mb`` (DDP's 25 MiB when unset), as DDP's own reducer.
+        """
+        if self.opti_engine.kind != "ddp":
+            return None
+        return bucketed_averager(self.opti_engine, getattr(self.args, "ddp_bucket_cap_mb", None))
 
     @property
     def _opti_manages_gradients(self) -> bool:
@@ -241,6 +260,7 @@ class OptiTrainerMixin:
                     model=model,
                     accelerator=self.accelerator,
                     average_gradient=gradient_averager(self.opti_engine),
+                    averager=self._bucketed_averager,
                 )
             )
 
