@@ -77,8 +77,9 @@ def fused_backward(bctx: BackwardContext) -> float | None:
     parameter is updated with its gradient clipped to it (rebuilt from that pass where the optimizer
     was given the model, see :mod:`optitrainer_lomo.optim`); returns the pre-clip norm.
     ``max_grad_norm == 0``: one backward pass, no norm measured, returns ``None``.
-    Each hook averages its gradient with ``bctx.average_gradient`` first (across DDP ranks; a no-op on
-    one process), in both passes: the norm is that of the averaged gradient, the same on every rank.
+    Each hook averages its gradient across the DDP ranks first, in both passes: the norm is that of the
+    averaged gradient, the same on every rank. With ``bctx.averager`` (optitrainer >= 0.2) the averaging
+    runs in buckets overlapped with backward; with an older core, one ``bctx.average_gradient`` per hook.
     """
     optimizer = _unwrap(bctx.optimizer)
     return optimizer.fused_backward(
@@ -86,6 +87,7 @@ def fused_backward(bctx: BackwardContext) -> float | None:
         lr=bctx.lr,
         max_grad_norm=bctx.max_grad_norm,
         average_gradient=bctx.average_gradient,
+        averager=getattr(bctx, "averager", None),
     )
 
 

@@ -41,6 +41,7 @@ for float16 losses).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -72,6 +73,8 @@ class FusedBackwardOptimizer(Optimizer):
         self._mode: str | None = None  # None: hooks idle; "norm": measure; "update": update
         #: averages a gradient across data-parallel ranks in place; set only during fused_backward
         self._average_gradient: Callable[[torch.Tensor], None] | None = None
+        #: averages in buckets overlapped with backward (``BackwardContext.averager``); during fused_backward
+        self._averager: Any = None
         self._norms: list[torch.Tensor] = []
         self._handles = []
         for index, group in enumerate(self.param_groups):
@@ -109,36 +112,54 @@ class FusedBackwardOptimizer(Optimizer):
         with torch.no_grad():
             grad_fp32 = p.grad.to(torch.float32)
             p.grad = None
+            # DDP: the rank-averaged gradient, before it is measured or used (the same on every rank)
+            if self._averager is not None:  # in buckets, while backward goes on
+                self._averager.add(grad_fp32, functools.partial(self._averaged, p, group_index))
+                return
             if self._average_gradient is not None:
-                # DDP: the rank-averaged gradient, before it is measured or used (the same on every rank)
                 self._average_gradient(grad_fp32)
-            self._unscale(grad_fp32)
-            if self._mode == "norm":
-                # two backward passes: this one only measures, the next one updates
-                self._norms.append(torch.norm(grad_fp32, 2.0))
-                if self._norm_of is not None:
-                    self._norm_of[id(p)] = self._norms[-1]
-                if self._kept is not None and p.dim() <= 1:
-                    self._kept[id(p)] = grad_fp32
-            else:
-                self._update(p, grad_fp32, self.param_groups[group_index])
+            self._consume(p, group_index, grad_fp32)
+
+    def _averaged(self, p: torch.Tensor, group_index: int, average: torch.Tensor) -> None:
+        # a view into a reused bucket: what the norm pass keeps is copied
+        keeps = self._mode == "norm" and self._kept is not None and p.dim() <= 1
+        with torch.no_grad():
+            self._consume(p, group_index, average.clone() if keeps else average)
+
+    def _consume(self, p: torch.Tensor, group_index: int, grad_fp32: torch.Tensor) -> None:
+        self._unscale(grad_fp32)
+        if self._mode == "norm":
+            # two backward passes: this one only measures, the next one updates
+            self._norms.append(torch.norm(grad_fp32, 2.0))
+            if self._norm_of is not None:
+                self._norm_of[id(p)] = self._norms[-1]
+            if self._kept is not None and p.dim() <= 1:
+                self._kept[id(p)] = grad_fp32
+        else:
+            self._update(p, grad_fp32, self.param_groups[group_index])
 
     def _backward(self, loss: torch.Tensor, mode: str, **kwargs: Any) -> None:
         self._mode = mode
         try:
             self._scale_loss(loss).backward(**{"retain_graph": mode == "norm", **kwargs})
+            if self._averager is not None:
+                self._averager.flush()  # the last buckets, still in this pass's mode
         finally:
             self._mode = None
 
     @contextlib.contextmanager
-    def _averaging(self, average_gradient: Callable[[torch.Tensor], None] | None) -> Iterator[None]:
-        previous = self._average_gradient
+    def _averaging(
+        self, average_gradient: Callable[[torch.Tensor], None] | None, averager: Any = None
+    ) -> Iterator[None]:
+        previous = self._average_gradient, self._averager
         if average_gradient is not None:
             self._average_gradient = average_gradient
+        if averager is not None:
+            self._averager = averager
         try:
             yield
         finally:
-            self._average_gradient = previous
+            self._average_gradient, self._averager = previous
 
     # -- public API -------------------------------------------------------------------------------
     def grad_norm(
@@ -174,6 +195,7 @@ class FusedBackwardOptimizer(Optimizer):
         lr: float | None = None,
         max_grad_norm: float | None = None,
         average_gradient: Callable[[torch.Tensor], None] | None = None,
+        averager: Any = None,
     ) -> float | None:
         """Backward pass that updates every parameter as soon as its gradient is ready.
 
@@ -184,14 +206,15 @@ class FusedBackwardOptimizer(Optimizer):
 
         ``average_gradient(grad)`` (data parallelism): averages a gradient across the ranks in place;
         each hook calls it on the float32 copy of its gradient before measuring or using it, in both
-        passes. Used only for the duration of this call.
+        passes. Used only for the duration of this call. ``averager`` (``BackwardContext.averager``) does
+        the same in buckets overlapped with backward, and takes precedence.
         """
         self.lr = float(self.param_groups[0]["lr"] if lr is None else lr)
         total_norm = None
         self.clip_coef = None
         clips = max_grad_norm is not None and max_grad_norm > 0
         try:
-            with self._averaging(average_gradient):
+            with self._averaging(average_gradient, averager):
                 if clips and self._rebuilding():
                     return float(self._clip_rebuilding(loss, max_grad_norm))
                 if clips:
@@ -244,6 +267,11 @@ class FusedBackwardOptimizer(Optimizer):
                         grad = self._rebuilder.rebuild(p)
                         if grad is not None:
                             grad = grad.to(torch.float32)
+                            if self._averager is not None:  # stepped once its bucket's average arrives
+                                self._averager.add(
+                                    grad, functools.partial(self._rebuilt_averaged, p, index, measured[id(p)])
+                                )
+                                continue
                             if self._average_gradient is not None:
                                 self._average_gradient(grad)
                             self._unscale(grad)
@@ -253,9 +281,21 @@ class FusedBackwardOptimizer(Optimizer):
                     else:
                         continue  # stepped by the second backward above
                     self._update(p, grad, self.param_groups[index])
+                if self._averager is not None:
+                    self._averager.flush()
         finally:
             self.clip_coef = None
         return total_norm
+
+    def _rebuilt_averaged(
+        self, p: torch.Tensor, group_index: int, norm: torch.Tensor, grad: torch.Tensor
+    ) -> None:
+        from optitrainer.plugin import check_rebuilt
+
+        with torch.no_grad():
+            self._unscale(grad)
+            check_rebuilt(f"a {tuple(p.shape)} weight", grad, norm)
+            self._update(p, grad, self.param_groups[group_index])
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
