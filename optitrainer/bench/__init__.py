@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Measure memory, speed and loss per optimizer, each in its own process.",
         epilog="Example: optitrainer bench --optim adamw_torch,adamw_torch_layerwise,lomo --baseline transformers",
     )
-    p.add_argument("--optim", required=True, help="comma-separated optimizer names (see `optitrainer list`)")
+    p.add_argument("--optim", default=None, help="comma-separated optimizer names (see `optitrainer list`)")
     p.add_argument(
         "--model",
         default="tiny",
@@ -97,6 +97,22 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: what exact clipping costs, per optimizer: a run clipped at --max-grad-norm (1 if 0) "
         "and an unclipped run stepping in turn in one process; prints their step-time ratio",
+    )
+    p.add_argument(
+        "--ddp",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: one torchrun launch of N ranks (gloo) and one of a single process, the contenders "
+        "(--optim name[:max_grad_norm],...; default adamw_torch, adamw_torch_layerwise, lomo, "
+        "adamw_torch_layerwise:1) stepping in turn in each rank; prints ratios to the first and "
+        "communication alone",
+    )
+    p.add_argument(
+        "--bucket-cap-mb",
+        type=float,
+        default=25.0,
+        help="with --ddp: the bucket size of the communication-alone measurement (default: DDP's 25)",
     )
     return p
 
@@ -250,7 +266,16 @@ def _meta(ns: argparse.Namespace, argv: Sequence[str], runs: list[dict[str, Any]
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = _parser().parse_args(argv)
+    parser = _parser()
+    ns = parser.parse_args(argv)
+    if ns.ddp:
+        from . import ddp
+
+        if ns.ddp < 2:
+            parser.error("--ddp N: N >= 2 ranks")
+        return ddp.main(ns)
+    if not ns.optim:
+        parser.error("the following arguments are required: --optim")
     if ns.clip_cost:
         return _clip_cost(ns)
     # a terminal keeps its width; a file or pipe gets the whole table on one line per row

@@ -19,7 +19,20 @@ LLAMA_100M = {
     "tie_word_embeddings": False,
 }
 
-PRESETS = ("tiny", "100m")
+#: a Llama of 26.4M parameters in 75 tensors (8 layers, hidden 512, MLP 1376, vocabulary 1024, untied):
+#: many mid-sized tensors, where per-tensor communication and per-tensor optimizer steps show
+LLAMA_8X512 = {
+    "vocab_size": 1024,
+    "hidden_size": 512,
+    "intermediate_size": 1376,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
+
+PRESETS = ("tiny", "100m", "8x512")
 
 
 def build_model(spec: str, seed: int = 0, dtype: str = "float32") -> torch.nn.Module:
@@ -38,6 +51,8 @@ def build_model(spec: str, seed: int = 0, dtype: str = "float32") -> torch.nn.Mo
         model = LlamaForCausalLM(tiny_llama_config())
     elif spec == "100m":
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_100M))
+    elif spec == "8x512":
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_8X512))
     elif os.path.isdir(spec) and _has_weights(spec):
         model = AutoModelForCausalLM.from_pretrained(spec, local_files_only=True, dtype=torch_dtype)
     elif os.path.exists(spec):

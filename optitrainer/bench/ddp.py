@@ -1,0 +1,362 @@
+"""``optitrainer bench --ddp N``: what each optimizer costs under DDP, contenders taking turns in each rank.
+
+Two ``torchrun`` launches (N ranks over gloo, then one process), each training every contender at once
+in its own thread: the threads take turns step by step (:class:`Turnstile`), in the same order on every
+rank, so their collectives match and the load of the moment hits every contender alike. A step is
+``on_step_begin`` to ``on_step_end`` (forward, backward, averaging, clipping, optimizer step). Then, in
+the same launch, communication alone on the model's gradient shapes: one blocking all-reduce per
+gradient (what a hook that averages its own gradient pays), one flat all-reduce, and the bucketed,
+overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
+
+Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``,
+DDP-wrapped), under DDP and on one process; and the clipped / unclipped ratio of the layerwise engine.
+
+    optitrainer bench --ddp 2 --model 8x512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+#: label, optim, max_grad_norm: the first is the baseline every ratio divides by
+DEFAULT_CONTENDERS = (
+    ("adamw_torch", "adamw_torch", 0.0),
+    ("adamw_torch_layerwise", "adamw_torch_layerwise", 0.0),
+    ("lomo", "lomo", 0.0),
+    ("adamw_torch_layerwise clip1", "adamw_torch_layerwise", 1.0),
+)
+#: seconds a contender waits for its turn before the launch is declared hung
+TURN_TIMEOUT_S = 600.0
+
+
+class Turnstile:
+    """Round-robin turns among threads; a finished thread leaves the circle."""
+
+    def __init__(self, n: int) -> None:
+        self._cond = threading.Condition()
+        self._turn: int | None = None
+        self._done = [False] * n
+        self.failed: BaseException | None = None
+
+    def start(self, first: int = 0) -> None:
+        with self._cond:
+            self._turn = first
+            self._cond.notify_all()
+
+    def wait(self, i: int) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._turn == i or self.failed is not None, TURN_TIMEOUT_S):
+                raise TimeoutError(f"contender {i} waited {TURN_TIMEOUT_S:.0f} s for its turn")
+            if self.failed is not None:
+                raise RuntimeError("another contender failed") from self.failed
+
+    def pass_on(self, i: int) -> None:
+        with self._cond:
+            n = len(self._done)
+            following = [(i + k) % n for k in range(1, n + 1)]
+            self._turn = next((j for j in following if not self._done[j]), None)
+            self._cond.notify_all()
+
+    def finish(self, i: int) -> None:
+        with self._cond:
+            self._done[i] = True
+        self.pass_on(i)
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self.failed = exc
+            self._cond.notify_all()
+
+
+def _turn_callback(turnstile: Turnstile, index: int, ready: threading.Event):
+    from transformers import TrainerCallback
+
+    class TakeTurns(TrainerCallback):
+        """Holds the turn from its step's start through the logging after it; passes it at the next step."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self._holding = False
+            self._t0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self._holding:
+                turnstile.pass_on(index)
+            else:
+                ready.set()  # set up (its collectives done): the next contender may set up
+            turnstile.wait(index)
+            self._holding = True
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._t0)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            # the end of training gathers across ranks too: done while still holding the turn
+            self._holding = False
+            turnstile.finish(index)
+
+    return TakeTurns()
+
+
+def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
+    from transformers.trainer_callback import PrinterCallback
+
+    from .. import OptiTrainer, OptiTrainingArguments
+    from ..registry import REGISTRY
+    from ..testing import SyntheticLMDataset
+    from . import models
+
+    contenders = cfg["contenders"]
+    turnstile = Turnstile(len(contenders))
+    callbacks, threads = [], []
+    for i, (label, optim, clip) in enumerate(contenders):
+        resolved = REGISTRY.resolve(optim)
+        model = models.build_model(cfg["model"], seed=cfg["seed"])
+        args = OptiTrainingArguments(
+            output_dir=f"{workdir}/{i}",
+            max_steps=cfg["steps"],
+            per_device_train_batch_size=cfg["batch_size"],
+            learning_rate=1e-3,
+            max_grad_norm=clip,
+            optim=optim,
+            optim_target_modules="all-linear" if resolved.spec.capabilities.needs_target_modules else None,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to="none",
+            seed=cfg["seed"],
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            use_cpu=True,
+            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        )
+        n = cfg["steps"] * cfg["batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
+        data = SyntheticLMDataset(n=n, seq_len=cfg["seq_len"], vocab_size=models.vocab_size(model), seed=1)
+        ready = threading.Event()
+        callback = _turn_callback(turnstile, i, ready)
+        trainer = OptiTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        trainer.remove_callback(PrinterCallback)
+
+        def train(trainer=trainer, ready=ready, label=label) -> None:
+            try:
+                trainer.train()
+            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+                failure = RuntimeError(f"contender {label!r} failed: {type(exc).__name__}: {exc}")
+                failure.__cause__ = exc
+                turnstile.fail(failure)
+                ready.set()
+
+        thread = threading.Thread(target=train, name=label)
+        thread.start()
+        # one contender sets up at a time: its collectives (broadcasts, DDP's wrapping) in the same order
+        # on every rank
+        ready.wait()
+        if turnstile.failed is not None:
+            break
+        callbacks.append(callback)
+        threads.append(thread)
+    if turnstile.failed is None:
+        turnstile.start()
+    for thread in threads:
+        thread.join()
+    if turnstile.failed is not None:
+        raise turnstile.failed
+    return [c.times for c in callbacks]
+
+
+def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: int = 5) -> dict[str, float]:
+    """Median seconds to average the model's gradients: per tensor (blocking), flat, bucketed."""
+    import torch
+    import torch.distributed as dist
+
+    from ..data_parallel import BucketedAverager
+    from . import models
+
+    model = models.build_model(model_spec, seed=seed)
+    shapes = [p.shape for p in model.parameters()]
+    del model
+    world = dist.get_world_size()
+    grads = [torch.randn(s) for s in shapes]
+
+    def per_tensor() -> None:
+        for g in grads:
+            g.div_(world)
+            dist.all_reduce(g)
+
+    def flat() -> None:
+        buf = torch.cat([g.reshape(-1) for g in grads])
+        buf.div_(world)
+        dist.all_reduce(buf)
+
+    def bucketed() -> None:
+        averager = BucketedAverager(world, bucket_cap_mb)
+        for g in grads:
+            averager.add(g, lambda avg: None)
+        averager.flush()
+
+    out = {}
+    for name, fn in (("per_tensor", per_tensor), ("flat", flat), ("bucketed", bucketed)):
+        times = []
+        for _ in range(repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
+def worker(config_path: str) -> None:
+    """One rank of a ``torchrun`` launch: every contender, then (several ranks) communication alone."""
+    import torch
+
+    cfg = json.loads(Path(config_path).read_text())
+    torch.set_num_threads(cfg["threads"])
+    from .. import release_gloo_workers_at_exit
+
+    release_gloo_workers_at_exit()
+    with tempfile.TemporaryDirectory() as workdir:
+        times = _train_all(cfg, workdir)
+    result: dict[str, Any] = {"step_times_s": times}
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        result["communication_s"] = _communication(cfg["model"], cfg["seed"], cfg["bucket_cap_mb"])
+        result["world_size"] = dist.get_world_size()
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(cfg["result"]).write_text(json.dumps(result))
+
+
+def _launch(cfg: dict[str, Any], nproc: int, workdir: Path, timeout: float) -> dict[str, Any]:
+    import shutil
+    import signal
+    import subprocess
+
+    cfg = dict(cfg, result=str(workdir / f"result-{nproc}.json"))
+    config_path = workdir / f"config-{nproc}.json"
+    config_path.write_text(json.dumps(cfg))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        __name__,
+        "--worker",
+        str(config_path),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RuntimeError(
+            f"the {nproc}-process launch timed out after {timeout:.0f} s:\n{out[-3000:]}"
+        ) from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {nproc}-process launch failed ({proc.returncode}):\n{out[-3000:]}")
+    return json.loads(Path(cfg["result"]).read_text())
+
+
+def _parse_contenders(text: str | None) -> list[tuple[str, str, float]]:
+    """``name[:clip],...``: e.g. ``adamw_torch,adamw_torch_layerwise,adamw_torch_layerwise:1``."""
+    if not text:
+        return list(DEFAULT_CONTENDERS)
+    out = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, clip = item.partition(":")
+        value = float(clip) if clip else 0.0
+        out.append((f"{name} clip{value:g}" if value else name, name, value))
+    return out
+
+
+def measure(ns: argparse.Namespace) -> dict[str, Any]:
+    """Both launches (``ns.ddp`` ranks, then one process); medians and ratios."""
+    from ..registry import REGISTRY
+
+    contenders = _parse_contenders(ns.optim)
+    for _, optim, _ in contenders:
+        REGISTRY.resolve(optim)  # a typo fails before anything launches
+    cfg = {
+        "contenders": contenders,
+        "model": ns.model,
+        "seed": ns.seed,
+        "steps": ns.steps,
+        "batch_size": ns.batch_size,
+        "seq_len": ns.seq_len,
+        "threads": ns.threads or 1,
+        "bucket_cap_mb": ns.bucket_cap_mb,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        launches = {n: _launch(cfg, n, Path(tmp), ns.timeout or 1800) for n in (ns.ddp, 1)}
+    rows = []
+    for i, (label, optim, clip) in enumerate(contenders):
+        row = {"label": label, "optim": optim, "max_grad_norm": clip}
+        for n, result in launches.items():
+            times = result["step_times_s"][i][ns.warmup_steps :]
+            base = result["step_times_s"][0][ns.warmup_steps :]
+            row[f"ms_{n}"] = statistics.median(times) * 1e3
+            row[f"ratio_{n}"] = statistics.median(times) / statistics.median(base)
+        rows.append(row)
+    return {"rows": rows, "communication_s": launches[ns.ddp].get("communication_s"), "ranks": ns.ddp}
+
+
+def print_report(summary: dict[str, Any]) -> None:
+    n = summary["ranks"]
+    print(f"{'contender':32} {'1 proc ms':>10} {'x first':>8} {f'{n} ranks ms':>11} {'x first':>8}")
+    for r in summary["rows"]:
+        print(
+            f"{r['label']:32} {r['ms_1']:10.1f} {r['ratio_1']:8.3f} {r[f'ms_{n}']:11.1f} {r[f'ratio_{n}']:8.3f}"
+        )
+    by_label = {r["label"]: r for r in summary["rows"]}
+    for r in summary["rows"]:
+        plain = by_label.get(r["optim"])
+        if r["max_grad_norm"] > 0 and plain is not None and plain is not r:
+            print(
+                f"{r['label']} / {plain['label']}: {r['ms_1'] / plain['ms_1']:.3f} on one process, "
+                f"{r[f'ms_{n}'] / plain[f'ms_{n}']:.3f} under DDP"
+            )
+    comm = summary.get("communication_s")
+    if comm:
+        print(
+            f"communication alone, {n} ranks, every gradient of the model once: one blocking all-reduce per "
+            f"gradient {comm['per_tensor'] * 1e3:.1f} ms, one flat all-reduce {comm['flat'] * 1e3:.1f} ms, "
+            f"buckets {comm['bucketed'] * 1e3:.1f} ms"
+        )
+
+
+def main(ns: argparse.Namespace) -> int:
+    try:
+        summary = measure(ns)
+    except (LookupError, ImportError, ValueError, RuntimeError) as exc:
+        print(f"optitrainer bench --ddp: {exc}")
+        return 2
+    print_report(summary)
+    if ns.out:
+        Path(ns.out).mkdir(parents=True, exist_ok=True)
+        (Path(ns.out) / "ddp.json").write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        worker(sys.argv[2])
+    else:
+        sys.exit("usage: optitrainer bench --ddp N ...  (this module's --worker is for torchrun)")

@@ -1,0 +1,57 @@
+"""`optitrainer bench --ddp N`: contenders stepping in turn inside each rank of one torchrun launch."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from optitrainer.bench import main as bench_main
+from optitrainer.bench.ddp import Turnstile
+
+
+def test_the_turnstile_runs_contenders_round_robin_and_skips_finished_ones():
+    turns, order = Turnstile(3), []
+    steps = {0: 2, 1: 3, 2: 1}
+
+    def contender(i):
+        for _ in range(steps[i]):
+            turns.wait(i)
+            order.append(i)
+            turns.pass_on(i)
+        turns.wait(i)
+        turns.finish(i)
+
+    threads = [threading.Thread(target=contender, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    turns.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert order == [0, 1, 2, 0, 1, 1]
+
+
+def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys):
+    argv = ["--ddp", "2", "--model", "tiny", "--steps", "4", "--warmup-steps", "1", "--batch-size", "2"]
+    argv += ["--optim", "adamw_torch,sgd_layerwise,sgd_layerwise:1", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "ddp.json").read_text())
+    labels = [r["label"] for r in summary["rows"]]
+    assert labels == ["adamw_torch", "sgd_layerwise", "sgd_layerwise clip1"]
+    first = summary["rows"][0]
+    assert first["ratio_1"] == first["ratio_2"] == 1.0
+    assert all(r["ms_1"] > 0 and r["ms_2"] > 0 for r in summary["rows"])
+    assert set(summary["communication_s"]) == {"per_tensor", "flat", "bucketed"}
+    assert "sgd_layerwise clip1 / sgd_layerwise:" in out and "communication alone, 2 ranks" in out
+
+
+def test_ddp_mode_refuses_a_typo_before_launching(capsys):
+    assert bench_main(["--ddp", "2", "--optim", "adamw_torhc"]) == 2
+    assert "adamw_torhc" in capsys.readouterr().out
+
+
+def test_ddp_mode_needs_two_ranks():
+    with pytest.raises(SystemExit):
+        bench_main(["--ddp", "1"])
