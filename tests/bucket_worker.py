@@ -41,7 +41,7 @@ def main(out: str) -> None:
         averager = BucketedAverager(world, bucket_cap_mb=cap_mb, max_in_flight=2)
         delivered: list[tuple[int, torch.Tensor]] = []
         for i, g in enumerate(gradients(rank)):
-            averager.add(g, lambda avg, i=i: delivered.append((i, avg.clone())))
+            averager.add(g, lambda avg, i=i, out=delivered: out.append((i, avg.clone())))
         averager.flush()
         result[label] = {
             "order": [i for i, _ in delivered],
