@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -54,13 +55,15 @@ class BucketedAverager:
     """Averages gradients across the DDP ranks in buckets, asynchronously, while backward goes on.
 
     What DDP's reducer does for a wrapped model, for engines that consume each gradient in its own hook
-    (the layerwise engine, LOMO): :meth:`add` puts a gradient into the open bucket; once the bucket holds
-    ``bucket_cap_mb``, it is copied into one flat buffer, divided by the world size and all-reduced
-    without waiting (``async_op=True``). Each :meth:`add` hands the averages of the buckets that have
-    arrived to their ``on_ready`` callbacks, in the order the gradients were added; with more than
-    ``max_in_flight`` buckets in flight it waits for the oldest, which bounds the memory to about
-    ``(max_in_flight + 1) * bucket_cap_mb``. :meth:`flush` sends the last, partial bucket and delivers
-    everything: call it when backward returns.
+    (the layerwise engine, LOMO): :meth:`add` divides a gradient by the world size straight into the open
+    bucket (one pass over it, while it is still in cache; the caller frees it right after); once the
+    next gradient would not fit in ``bucket_cap_mb``, the bucket is all-reduced without waiting
+    (``async_op=True``). Each :meth:`add` hands the averages of the buckets that have arrived to their
+    ``on_ready`` callbacks, in the order the gradients were added; with more than ``max_in_flight``
+    buckets in flight it waits for the oldest. A gradient larger than a bucket is reduced in place, alone.
+    Bucket buffers are reused from step to step, so memory stays at ``max_in_flight + 1`` buckets beyond
+    the gradients themselves. :meth:`flush` sends the last bucket and delivers everything: call it when
+    backward returns.
 
     Every rank adds the same gradients in the same order (the same graph), so the buckets, and the
     collectives, match across ranks. Dividing before summing, elementwise, as DDP does: on two ranks the
@@ -75,16 +78,20 @@ class BucketedAverager:
         group: Any = None,
     ) -> None:
         self.world_size = world_size
-        self.bucket_cap_bytes = int(bucket_cap_mb * 1024 * 1024)
+        self.bucket_cap_bytes = max(1, int(bucket_cap_mb * 1024 * 1024))
         self.max_in_flight = max(1, max_in_flight)
         self.group = group
-        self._open: list[tuple[torch.Tensor, Callable[[torch.Tensor], None]]] = []
-        self._open_bytes = 0
-        self._in_flight: collections.deque[tuple[Any, torch.Tensor, list]] = collections.deque()
-        #: the most bytes held in bucket buffers (open and in flight) at once since :meth:`reset_peak`
-        self.peak_bytes = 0
-        self._held_bytes = 0
+        self._open: torch.Tensor | None = None  # the bucket being filled
+        self._open_used = 0  # elements of it filled
+        self._open_layout: list[tuple[int, torch.Size, Callable[[torch.Tensor], None]]] = []
+        self._in_flight: collections.deque[tuple[Any, torch.Tensor, list, bool]] = collections.deque()
+        self._free: list[torch.Tensor] = []  # bucket buffers to reuse
+        #: collectives sent, and seconds spent waiting for one to arrive (communication not overlapped)
         self.collectives = 0
+        self.wait_s = 0.0
+        #: bytes of the bucket buffers, all kept for reuse (the gradients reduced in place not counted)
+        self.peak_bytes = 0
+        self._remaining: int | None = None  # gradient bytes still to come in this pass (see expect)
 
     def add(self, grad: torch.Tensor, on_ready: Callable[[torch.Tensor], None]) -> None:
         """Average ``grad`` (the caller no longer needs it) and call ``on_ready(average)`` once it arrives.
@@ -92,48 +99,72 @@ class BucketedAverager:
         ``average`` has ``grad``'s shape and dtype; it may be a view into a bucket that is reused after
         the call returns, so ``on_ready`` must not keep it (copy what it keeps).
         """
-        if self._open and (grad.dtype, grad.device) != (self._open[0][0].dtype, self._open[0][0].device):
-            self._send()  # one dtype and device per flat buffer
-        self._open.append((grad, on_ready))
-        self._open_bytes += grad.numel() * grad.element_size()
-        self._held_bytes += grad.numel() * grad.element_size()
-        self.peak_bytes = max(self.peak_bytes, self._held_bytes)
-        if self._open_bytes >= self.bucket_cap_bytes:
-            self._send()
+        numel = grad.numel()
+        if numel * grad.element_size() >= self.bucket_cap_bytes:
+            self._send()  # the open bucket first: the order of the averages is the order of the adds
+            if self._remaining is not None:
+                self._remaining -= numel * grad.element_size()
+            flat = grad.reshape(-1)
+            flat.div_(self.world_size)
+            self._all_reduce(flat, [(0, grad.shape, on_ready)], pooled=False)
+        else:
+            open_ = self._open
+            if open_ is not None and (
+                open_.dtype != grad.dtype
+                or open_.device != grad.device
+                or self._open_used + numel > open_.numel()
+            ):
+                self._send()
+            if self._open is None:
+                self._open = self._buffer(grad)
+            offset = self._open_used
+            torch.div(grad.reshape(-1), self.world_size, out=self._open[offset : offset + numel])
+            self._open_used += numel
+            self._open_layout.append((offset, grad.shape, on_ready))
+            if self._remaining is not None:
+                self._remaining -= numel * grad.element_size()
+                if self._open_used * grad.element_size() >= self._remaining:
+                    self._send()
         self._deliver(wait=False)
+
+    def expect(self, nbytes: int) -> None:
+        """Announce the gradient bytes this pass will add (optional): the last buckets then shrink.
+
+        The bucket that holds the last gradient is sent only when backward returns, so its communication
+        is never overlapped. Knowing what is still to come, a bucket is sent as soon as it holds at
+        least as much: the tail halves bucket after bucket, down to the last gradients alone.
+        """
+        self._remaining = nbytes
 
     def flush(self) -> None:
         """Send the open bucket and deliver every average (the end of a backward pass)."""
         self._send()
         self._deliver(wait=True)
+        self._remaining = None
 
-    def reset_peak(self) -> None:
-        self.peak_bytes = self._held_bytes
+    def _buffer(self, like: torch.Tensor) -> torch.Tensor:
+        for i, buf in enumerate(self._free):
+            if buf.dtype == like.dtype and buf.device == like.device:
+                return self._free.pop(i)
+        buf = torch.empty(self.bucket_cap_bytes // like.element_size(), dtype=like.dtype, device=like.device)
+        self.peak_bytes += buf.numel() * buf.element_size()  # buffers are kept and reused, never freed
+        return buf
 
     def _send(self) -> None:
-        if not self._open:
+        if self._open is None or not self._open_layout:
             return
+        buf, used, layout = self._open, self._open_used, self._open_layout
+        self._open, self._open_used, self._open_layout = None, 0, []
+        self._all_reduce(buf[:used], layout, pooled=True, buffer=buf)
+
+    def _all_reduce(
+        self, flat: torch.Tensor, layout: list, pooled: bool, buffer: torch.Tensor | None = None
+    ) -> None:
         import torch.distributed as dist
 
-        entries, self._open, self._open_bytes = self._open, [], 0
-        if len(entries) == 1:
-            flat = entries[0][0].view(-1)  # one gradient: reduced in place, as DDP does with a big one
-        else:
-            flat = torch.cat([g.reshape(-1) for g, _ in entries])
-            self._held_bytes += flat.numel() * flat.element_size()
-            self.peak_bytes = max(self.peak_bytes, self._held_bytes)
-            for g, _ in entries:  # the flat copy holds them now
-                self._held_bytes -= g.numel() * g.element_size()
-        layout = []
-        offset = 0
-        for g, on_ready in entries:
-            layout.append((offset, g.shape, on_ready))
-            offset += g.numel()
-        del entries
-        flat.div_(self.world_size)
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self.collectives += 1
-        self._in_flight.append((work, flat, layout))
+        self._in_flight.append((work, flat, layout, buffer if pooled else None))
         while len(self._in_flight) > self.max_in_flight:
             self._deliver_oldest()
 
@@ -142,12 +173,14 @@ class BucketedAverager:
             self._deliver_oldest()
 
     def _deliver_oldest(self) -> None:
-        work, flat, layout = self._in_flight.popleft()
+        work, flat, layout, buffer = self._in_flight.popleft()
+        t0 = time.perf_counter()
         work.wait()
+        self.wait_s += time.perf_counter() - t0
         for offset, shape, on_ready in layout:
-            numel = math.prod(shape)
-            on_ready(flat[offset : offset + numel].view(shape))
-        self._held_bytes -= flat.numel() * flat.element_size()
+            on_ready(flat[offset : offset + math.prod(shape)].view(shape))
+        if buffer is not None:
+            self._free.append(buffer)
 
 
 def bucketed_averager(engine: Engine, bucket_cap_mb: float | None = None) -> BucketedAverager | None:

@@ -149,6 +149,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _run_backward(self, run_backward: Callable[..., None], loss: torch.Tensor, **kwargs: Any) -> None:
         """One backward pass, then the last buckets' averages (every hook's gradient is consumed after)."""
+        if self.averager is not None:
+            params = kwargs.get("inputs") or [g["params"][0] for g in self.param_groups]
+            self.averager.expect(sum(p.numel() * p.element_size() for p in params if p.requires_grad))
         run_backward(loss, **kwargs)
         if self.averager is not None:
             self.averager.flush()
@@ -301,6 +304,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             ):  # the two-pass method for what nothing rebuilds; first: the graph saved the other weights
                 self._run_backward(run_backward, loss, **{**kwargs, "inputs": used})
             rebuilt_ids = {id(p) for p in rebuilt}
+            if self.averager is not None:
+                self.averager.expect(
+                    sum(
+                        p.numel() * p.element_size()
+                        for p in rebuilt
+                        if self._name_of[id(p)] in self._sq_norms
+                    )
+                )
             for group in self.param_groups:
                 name, p = group["param_name"], group["params"][0]
                 if name not in self._sq_norms:

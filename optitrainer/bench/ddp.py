@@ -138,6 +138,7 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
             dataloader_num_workers=0,
             use_cpu=True,
             ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            ddp_bucket_cap_mb=cfg["bucket_cap_mb"],
         )
         n = cfg["steps"] * cfg["batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
         data = SyntheticLMDataset(n=n, seq_len=cfg["seq_len"], vocab_size=models.vocab_size(model), seed=1)
