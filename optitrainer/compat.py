@@ -116,10 +116,12 @@ def argument_conflicts(
     refusal = engine_conflict(resolved, engine_from_arguments(args) if engine is None else engine)
     if refusal is not None:
         out.append(refusal)
-    if resolved.layerwise and clip > 0 and ga > 1:
+    engine_kind = (engine_from_arguments(args) if engine is None else engine).kind
+    if resolved.layerwise and clip > 0 and ga > 1 and engine_kind == "fsdp":
+        # FSDP2 runs a clipped step's forward/backward twice (its hooks expect one backward per forward)
         out.append(
-            f"max_grad_norm={clip} with gradient_accumulation_steps={ga}: layerwise clipping needs the whole "
-            "gradient before the first update; set max_grad_norm=0 or gradient_accumulation_steps=1"
+            f"max_grad_norm={clip} with gradient_accumulation_steps={ga} under FSDP: layerwise clipping there "
+            "runs the last micro-batch twice; set max_grad_norm=0 or gradient_accumulation_steps=1"
         )
     validate_arguments = resolved.spec.validate_arguments
     if validate_arguments is not None and not resolved.is_transformers_fallback:

@@ -17,8 +17,9 @@ model, the update pass needs no second backward for ``nn.Linear``/``nn.Embedding
 gradients are rebuilt from the inputs and output gradients recorded in the norm pass, one matmul each
 (:mod:`optitrainer.clipping`, ≈ 1.33 × an unclipped step instead of ≈ 1.67 ×); vectors keep their
 norm-pass gradient; other parameters get a second backward over the same graph (``inputs=`` them).
-The trainer's ``training_step`` (forward, loss, counters) runs once per micro-batch. With accumulation
-clipping is refused (the norm needs every gradient before any update).
+The trainer's ``training_step`` (forward, loss, counters) runs once per micro-batch. With accumulation,
+every gradient is alive at the last micro-batch anyway: its hooks average and measure them, and the
+clipped updates follow that one backward (:meth:`LayerwiseOptimizer._backward_after_accumulation`).
 
 fp16 loss scaling is refused: the per-parameter step would see scaled gradients.
 
@@ -86,6 +87,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._handles: list[Any] = []
         self._sync = True
         self._measuring = False
+        self._holding = False  # clipping after accumulation: the hooks measure and keep the gradients
         self._sq_norms: dict[str, torch.Tensor] = {}
         self._clip_coef: torch.Tensor | None = None
         #: the model whose Linear/Embedding weight gradients exact clipping rebuilds (None: two passes)
@@ -121,6 +123,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         name = self._name_of[id(param)]
         if not self._sync:
             return  # accumulating: keep the gradient for the next micro-batch
+        if self._holding:  # accumulated clipping: every gradient is alive already; measured now, kept
+            if self.averager is not None:
+                self.averager.add(param.grad, functools.partial(self._averaged_into_grad, name, param))
+                return
+            if self.average_gradient is not None:
+                self.average_gradient(param.grad)
+            self._sq_norms[name] = torch.linalg.vector_norm(param.grad, 2.0)
+            return
         if self.averager is not None:  # stepped when its bucket's average arrives
             grad, param.grad = param.grad, None
             self.averager.add(grad, functools.partial(self._averaged, name, param))
@@ -136,6 +146,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             average.clone() if self._measuring and self._kept is not None and param.dim() <= 1 else average
         )
         self._consume(name, param)
+
+    @torch.no_grad()
+    def _averaged_into_grad(self, name: str, param: nn.Parameter, average: torch.Tensor) -> None:
+        param.grad.copy_(average)
+        self._sq_norms[name] = torch.linalg.vector_norm(param.grad, 2.0)
 
     def _consume(self, name: str, param: nn.Parameter) -> None:
         """Measure ``param.grad`` (norm pass) or step on it (update), then free it."""
@@ -261,6 +276,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self.clips:
             self._run_backward(run_backward, loss, **kwargs)
             return
+        if any(g["params"][0].grad is not None for g in self.param_groups):
+            self._backward_after_accumulation(loss, run_backward, **kwargs)
+            return
         if self._can_rebuild():
             self._backward_rebuilding(loss, run_backward, **kwargs)
             return
@@ -272,6 +290,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._set_clip_coef()
         try:
             self._run_backward(run_backward, loss, **kwargs)
+        finally:
+            self._clip_coef = None
+
+    def _backward_after_accumulation(
+        self, loss: torch.Tensor, run_backward: Callable[..., None], **kwargs: Any
+    ) -> None:
+        """The last micro-batch of an accumulation, clipped: one backward, then every update.
+
+        Accumulation holds every gradient until this backward anyway, so its hooks only average and
+        measure them, and the updates follow with ``clip_grad_norm_``'s coefficient: no second pass, no
+        memory beyond what accumulation holds.
+        """
+        self._holding, self._sq_norms = True, {}
+        try:
+            self._run_backward(run_backward, loss, **kwargs)
+        finally:
+            self._holding = False
+        try:
+            self._set_clip_coef()
+            for group in self.param_groups:
+                name, p = group["param_name"], group["params"][0]
+                if name in self._sq_norms and p.grad is not None:
+                    self._update(name, p)
         finally:
             self._clip_coef = None
 

@@ -197,11 +197,21 @@ def test_cuda_only_optimizer_refused_without_cuda():
         REGISTRY.unregister("cuda_test_opt")
 
 
-def test_layerwise_clipping_with_accumulation_is_refused():
-    with pytest.raises(IncompatibleConfigError, match="set max_grad_norm=0 or gradient_accumulation_steps=1"):
-        args(optim="adamw_torch_layerwise", max_grad_norm=1.0, gradient_accumulation_steps=2)
+def test_layerwise_clipping_with_accumulation_is_accepted_at_transformers_defaults():
+    # transformers' default max_grad_norm=1.0: accumulation in layerwise mode no longer means no clipping
+    assert args(optim="adamw_torch_layerwise", gradient_accumulation_steps=2).max_grad_norm == 1.0
     assert args(optim="adamw_torch_layerwise", max_grad_norm=0.0, gradient_accumulation_steps=2)
-    assert args(optim="adamw_torch_layerwise", max_grad_norm=1.0, gradient_accumulation_steps=1)
+    # under FSDP2 a clipped layerwise step runs its forward/backward twice: still refused with accumulation
+    from types import SimpleNamespace
+
+    from optitrainer.compat import argument_conflicts
+    from optitrainer.engine import Engine
+
+    setup = SimpleNamespace(gradient_accumulation_steps=2, max_grad_norm=1.0, optim_args=None)
+    conflicts = argument_conflicts(REGISTRY.resolve("adamw_torch_layerwise"), setup, Engine.for_mode("fsdp2"))
+    assert any(
+        "under FSDP" in c and "set max_grad_norm=0 or gradient_accumulation_steps=1" in c for c in conflicts
+    )
 
 
 def test_command_line_through_hf_argument_parser():

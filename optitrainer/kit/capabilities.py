@@ -31,9 +31,8 @@ def check_gradient_accumulation(case, tmp_dir) -> str:
     resolved = _resolved(case)
     if not resolved.spec.capabilities.gradient_accumulation:
         raise Skip("not claimed (Capabilities.gradient_accumulation=False; the refusal is checked)")
+    # transformers' default max_grad_norm=1.0: layerwise forms clip after the last micro-batch too
     kw = {"warmup_steps": 1, "weight_decay": 0.01, **case.args}
-    if resolved.layerwise:
-        kw["max_grad_norm"] = 0.0  # layerwise clipping with accumulation is refused
     tmp = Path(tmp_dir)
     big = run_training(case.optim, tmp / "big", steps=3, per_device_train_batch_size=4, **kw)
     acc = run_training(
