@@ -11,8 +11,8 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .compat import check_arguments, learning_rate_warning
-from .engine import deepspeed_missing
-from .errors import EngineNotInstalledError
+from .engine import deepspeed_launch_problem, deepspeed_missing
+from .errors import EngineNotInstalledError, LaunchError
 from .options import parse_optim_args
 from .registry import REGISTRY, ResolvedOptimizer
 
@@ -86,10 +86,25 @@ class OptiArgumentsMixin:
         },
     )
 
+    # a list on the command line: `--optim_target_modules '.*attn.*' '.*mlp.*'` (transformers' str | list
+    # field takes one value there); a str or a list in Python, as in transformers
+    optim_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "The linear layers GaLore, APOLLO and other projecting optimizers act on: one or more "
+            "patterns (a regex, or in a list: an exact name, a substring or a regex), or 'all-linear'."
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.optim_target_modules == ["all-linear"]:  # `--optim_target_modules all-linear`
+            self.optim_target_modules = "all-linear"
         missing = deepspeed_missing(getattr(self, "deepspeed", None))
         if missing is not None:
             raise EngineNotInstalledError(missing)
+        problem = deepspeed_launch_problem(getattr(self, "deepspeed", None))
+        if problem is not None:  # before transformers builds DeepSpeed's config (its first import builds ops)
+            raise LaunchError(problem)
         requested = str(getattr(self.optim, "value", self.optim))
         self.optim = _ENUM_PLACEHOLDER  # transformers converts optim to its closed enum here
         super().__post_init__()
@@ -101,6 +116,14 @@ class OptiArgumentsMixin:
     def optimizer_choice(self) -> OptimizerChoice:
         """The resolved optimizer (spec, mode, provenance) and its typed options."""
         return choose_optimizer(self)
+
+    def __reduce_ex__(self, protocol: int):
+        # a class made by with_optitrainer lives in no module a fresh process imports: pickle (the Trainer's
+        # training_args.bin) refers to the argument class it was made from, and unpickling makes it again
+        base = type(self).__dict__.get("_opti_base")
+        if base is None:
+            return super().__reduce_ex__(protocol)
+        return (_rebuild_arguments, (base, dict(self.__dict__)))
 
     def set_optimizer(self, name: str = TrainingArguments.default_optim, **kwargs: Any):
         """Like ``TrainingArguments.set_optimizer`` but accepting any registered name."""
@@ -123,6 +146,26 @@ def with_optitrainer(arguments_cls: type) -> type:
     """
     if issubclass(arguments_cls, OptiArgumentsMixin):
         return arguments_cls
-    cls = type(f"Opti{arguments_cls.__name__}", (OptiArgumentsMixin, arguments_cls), {})
+    made = _MADE.get(arguments_cls)
+    if made is not None:
+        return made
+    name = f"Opti{arguments_cls.__name__}"
+    cls = type(name, (OptiArgumentsMixin, arguments_cls), {"_opti_base": arguments_cls})
     cls.__module__ = __name__
-    return dataclasses.dataclass(cls)
+    cls = dataclasses.dataclass(cls)
+    _MADE[arguments_cls] = cls
+    if name not in globals():  # findable by name too (copy, repr); pickling goes through the base class
+        globals()[name] = cls
+    return cls
+
+
+#: the classes with_optitrainer made, by the class they were made from (one each: isinstance stays true)
+_MADE: dict[type, type] = {}
+
+
+def _rebuild_arguments(base: type, state: dict[str, Any]) -> Any:
+    """Unpickle arguments of a ``with_optitrainer(base)`` class (made again in a fresh process)."""
+    cls = with_optitrainer(base)
+    args = cls.__new__(cls)
+    args.__dict__.update(state)
+    return args

@@ -17,6 +17,7 @@ from typing import Any
 
 __all__ = [
     "Engine",
+    "deepspeed_launch_problem",
     "deepspeed_missing",
     "engine_from_accelerator",
     "engine_from_arguments",
@@ -113,6 +114,42 @@ def deepspeed_missing(deepspeed_config: Any) -> str | None:
     )
 
 
+def deepspeed_launch_problem(deepspeed_config: Any) -> str | None:
+    """Why ``deepspeed=`` under ``torchrun`` on a machine without GPUs cannot train as one job, or ``None``.
+
+    transformers gives accelerate no process-group backend for DeepSpeed there, so accelerate counts one
+    process and every rank trains on the same batches (:func:`launch_problem` says so once the trainer
+    exists). Known from the environment alone, so the arguments refuse it before DeepSpeed is imported,
+    whose first import on a new machine compiles ops for minutes.
+    """
+    if not deepspeed_config or _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return None  # accelerate's DeepSpeed launch sets the backend itself
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2 or _accelerate_picks_a_backend():
+        return None
+    return (
+        f"deepspeed={deepspeed_config!r} under a {os.environ['WORLD_SIZE']}-process launch on a machine without "
+        "GPUs: transformers gives accelerate no process-group backend for DeepSpeed here, so it would count one "
+        "process and every rank would train on the same batches. On CPU launch with `accelerate launch "
+        "--config_file <DeepSpeed config> ... --ddp_backend gloo` (docs/distributed.md), or drop deepspeed= "
+        "and pass --use_cpu --ddp_backend gloo for DDP"
+    )
+
+
+def _accelerate_picks_a_backend() -> bool:
+    """Whether accelerate finds a process-group backend for this launch with none given (as for DeepSpeed)."""
+    try:
+        from accelerate.state import PartialState
+
+        backend, _ = PartialState._prepare_backend(
+            None, cpu=False, backend=None
+        )  # reads only the environment
+    except Exception:  # noqa: BLE001 - another accelerate: the device decides, as it does today
+        import torch
+
+        return torch.cuda.is_available()
+    return backend is not None
+
+
 def engine_from_arguments(args: Any) -> Engine:
     """The engine the arguments and the environment ask for (before the accelerator exists).
 
@@ -188,11 +225,19 @@ def launch_problem(engine: Engine) -> str | None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() != engine.world_size:
-        return (
+        counts = (
             f"torch.distributed runs {dist.get_world_size()} processes but accelerate counts {engine.world_size} "
-            f"({engine}): every rank would train on the same batches. With DeepSpeed on a machine without GPUs "
-            "this comes from torchrun (accelerate picks no process-group backend for DeepSpeed there): launch "
-            "with `accelerate launch --config_file <DeepSpeed config> ... --ddp_backend gloo`"
+            f"({engine}): every rank would train on the same batches, each its own copy of the weights."
+        )
+        if engine.kind == "deepspeed" or _env_true("ACCELERATE_USE_DEEPSPEED"):
+            return (
+                f"{counts} With DeepSpeed on a machine without GPUs this comes from torchrun (accelerate picks no "
+                "process-group backend for DeepSpeed there): launch with `accelerate launch --config_file "
+                "<DeepSpeed config> ... --ddp_backend gloo`"
+            )
+        return (
+            f"{counts} On a machine without GPUs pass --use_cpu --ddp_backend gloo (use_cpu=True, "
+            "ddp_backend='gloo') so that accelerate runs DDP over gloo; on GPUs, check that torch sees them"
         )
     env = os.environ
     launched_by_accelerate = "ACCELERATE_DYNAMO_BACKEND" in env and "ACCELERATE_MIXED_PRECISION" in env

@@ -234,6 +234,19 @@ def test_command_line_through_hf_argument_parser():
         parser.parse_args_into_dataclasses(["--output_dir", "unused", "--optim", "nope_opt"])
 
 
+def test_several_target_module_patterns_on_the_command_line():
+    parser = HfArgumentParser(OptiTrainingArguments)
+    common = ["--output_dir", "unused", "--optim", "galore_adamw", "--report_to", "none"]
+    (a,) = parser.parse_args_into_dataclasses([*common, "--optim_target_modules", ".*attn.*", ".*mlp.*"])
+    assert a.optim_target_modules == [".*attn.*", ".*mlp.*"]
+    (b,) = parser.parse_args_into_dataclasses([*common, "--optim_target_modules", "all-linear"])
+    assert b.optim_target_modules == "all-linear"  # the special value, as transformers reads it
+    c = OptiTrainingArguments(
+        "unused", optim="galore_adamw", optim_target_modules=r".*attn.*", report_to="none"
+    )
+    assert c.optim_target_modules == r".*attn.*"  # Python keeps a str a str
+
+
 def test_mixin_for_other_argument_classes():
     SFTConfig = pytest.importorskip("trl", reason="TRL is a test extra (not in the floor run)").SFTConfig
 

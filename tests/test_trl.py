@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,7 +92,7 @@ def _trainer_classes(base):
     return Recording
 
 
-def _train(kind: str, optim: str, tmp_path):
+def _train(kind: str, optim: str, tmp_path, resume: str | None = None, **overrides):
     config_cls, trainer_cls, data, extra = {
         "sft": (trl.SFTConfig, trl.SFTTrainer, sft_data, {"max_length": 16}),
         "dpo": (trl.DPOConfig, trl.DPOTrainer, dpo_data, {"max_length": 16}),
@@ -102,7 +104,7 @@ def _train(kind: str, optim: str, tmp_path):
             {"num_generations": 4, "max_completion_length": 4, "steps_per_generation": 2},
         ),
     }[kind]
-    args = optitrainer.with_optitrainer(config_cls)(
+    settings = dict(
         output_dir=str(tmp_path / f"{kind}-{optim}"),
         optim=optim,
         max_steps=STEPS,
@@ -117,6 +119,7 @@ def _train(kind: str, optim: str, tmp_path):
         dataloader_num_workers=0,
         **extra,
     )
+    args = optitrainer.with_optitrainer(config_cls)(**{**settings, **overrides})
     assert args.max_grad_norm == 1.0  # TRL's default: clipping on
     trainer_kwargs = {"grpo": {"reward_funcs": reward_first_words}, "dpo": {"ref_model": tiny_llama()}}.get(
         kind, {}
@@ -128,7 +131,7 @@ def _train(kind: str, optim: str, tmp_path):
         processing_class=make_tokenizer(),
         **trainer_kwargs,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     logs = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     return trainer, logs
 
@@ -164,3 +167,26 @@ def test_trl_trainers_train_each_batch_once_and_layerwise_matches_standard(kind,
         diff = max(float((p - final[n]).abs().max()) for n, p in lw_params)
     assert diff <= 1e-5, diff
     assert torch.isfinite(torch.tensor([h["loss"] for h in runs["lomo"][1]])).all()
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_trl_checkpoints_load_in_a_fresh_process_and_resume_exactly(kind, tmp_path):
+    """The README's recipe (``with_optitrainer(SFTConfig)``) in checkpoints: ``training_args.bin`` is written
+    (a class made at run time used to fail pickling, leaving a half-written checkpoint), loads back in a
+    process that never called ``with_optitrainer``, and training resumes to the uninterrupted run's numbers."""
+    save = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4}
+    straight, straight_logs = _train(kind, "adamw_torch_layerwise", tmp_path / "straight", **save)
+    ckpt = tmp_path / "straight" / f"{kind}-adamw_torch_layerwise" / "checkpoint-2"
+    assert (ckpt / "training_args.bin").is_file()
+    code = (
+        "import torch, sys; a = torch.load(sys.argv[1], weights_only=False); print(type(a).__name__, a.optim)"
+    )
+    load = [sys.executable, "-c", code, str(ckpt / "training_args.bin")]
+    out = subprocess.run(load, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [{"sft": "OptiSFTConfig", "dpo": "OptiDPOConfig"}[kind], "adamw_torch_layerwise"]
+    resumed, resumed_logs = _train(
+        kind, "adamw_torch_layerwise", tmp_path / "straight", resume=str(ckpt), **save
+    )
+    assert [h["loss"] for h in resumed_logs] == [h["loss"] for h in straight_logs]
+    final = dict(straight.model.named_parameters())
+    assert all(torch.equal(p, final[n]) for n, p in resumed.model.named_parameters())
