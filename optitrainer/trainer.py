@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_callback import ExportableState
+from transformers import Trainer
 
 from .arguments import OptimizerChoice, choose_optimizer
 from .clean_exit import release_gloo_workers_at_exit
@@ -31,23 +31,15 @@ from .data_parallel import (
 from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
+from .log import follow_transformers_verbosity
 from .plugin import BackwardContext, BuildContext
 from .trainer_contract import check_environment
 
 logger = logging.getLogger("optitrainer")
 
 
-class OptimizerProvenance(TrainerCallback, ExportableState):
-    """Keeps which optimizer was built, and by which distribution and version, in ``trainer_state.json``."""
-
-    def __init__(self, optimizer: str = "", distribution: str = "", version: str | None = None):
-        self.optimizer, self.distribution, self.version = optimizer, distribution, version
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "args": {"optimizer": self.optimizer, "distribution": self.distribution, "version": self.version},
-            "attributes": {},
-        }
+#: file beside every checkpoint's ``trainer_state.json``: which optimizer was built, by which distribution
+PROVENANCE_FILE = "optitrainer.json"
 
 
 class OptiTrainerMixin:
@@ -61,6 +53,7 @@ class OptiTrainerMixin:
         # before the Trainer touches the model: a release whose hooks changed would train silently wrong
         check_environment()
         super().__init__(*args, **kwargs)
+        follow_transformers_verbosity()  # the Trainer just applied log_level: say what runs at that level
         self._opti_optimizer: torch.optim.Optimizer | None = None
         self._opti_grad_norm: float | None = None
         self._opti_choice: OptimizerChoice | None = None
@@ -84,10 +77,6 @@ class OptiTrainerMixin:
                 replicate_without_ddp(self.accelerator)  # training_step averages the gradients
             if self.model is not None:
                 self._check_model(self.model)
-            prov = self._opti_choice.resolved.provenance
-            self.add_callback(
-                OptimizerProvenance(self._opti_choice.resolved.name, prov.distribution, prov.version)
-            )
 
     # -- setup ------------------------------------------------------------------------------------
     def _build_context(self, model: torch.nn.Module) -> BuildContext:
@@ -304,7 +293,31 @@ class OptiTrainerMixin:
 
     def _save_checkpoint(self, model, trial):
         with self._weights_for_saving():
-            return super()._save_checkpoint(model, trial)
+            saved = super()._save_checkpoint(model, trial)
+        self._save_provenance(trial)
+        return saved
+
+    def _save_provenance(self, trial) -> None:
+        """Which optimizer, distribution and version trained this checkpoint, in a file of its own.
+
+        Not a stateful callback: the callback list and ``trainer_state.json`` stay what ``Trainer`` writes,
+        so a plain ``Trainer`` resumes the checkpoint without a word about callbacks it does not have.
+        """
+        if self._opti_choice is None or not self.args.should_save:
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = self.args.output_dir if trial is None else self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if os.path.isdir(folder):
+            resolved = self._opti_choice.resolved
+            provenance = {
+                "optimizer": resolved.name,
+                "distribution": resolved.provenance.distribution,
+                "version": resolved.provenance.version,
+            }
+            with open(os.path.join(folder, PROVENANCE_FILE), "w") as f:
+                json.dump(provenance, f, indent=1)
 
     # -- sharded checkpoints of the layerwise engine (FSDP2) -----------------------------------------
     #: folder of a checkpoint holding the layerwise engine's sharded state (torch.distributed.checkpoint)

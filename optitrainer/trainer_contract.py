@@ -98,13 +98,16 @@ HOOKS: tuple[Hook, ...] = (
     Hook(*_T, "_get_learning_rate", ("self",), "hands the scheduled learning rate to a fused backward"),
     Hook(*_T, "add_callback", ("self", "callback"), "adds the plugin's callbacks"),
     Hook(
+        *_T, "_get_output_dir", ("self", "trial"), "finds a checkpoint's folder under hyperparameter search"
+    ),
+    Hook(
         *_T,
         "get_optimizer_cls_and_kwargs",
         ("args", "model"),
         "builds transformers' own optimizers for names no plugin provides",
     ),
     Hook("transformers.trainer", "", "SCHEDULER_NAME", None, "names the scheduler file of a checkpoint"),
-    Hook("transformers.trainer_callback", "", "ExportableState", None, "keeps the provenance in checkpoints"),
+    Hook("transformers.trainer_utils", "", "PREFIX_CHECKPOINT_DIR", None, "names the checkpoint folders"),
     Hook("transformers.training_args", "", "OptimizerNames", None, "lists the names transformers knows"),
     Hook(*_A, "backward", ("self", "loss"), "the call training_step makes, replaced for one step"),
     Hook(

@@ -61,14 +61,13 @@ def test_weight_decay_skips_biases_and_norms(tmp_path):
     assert not any("bias" in n or "norm" in n for n in decayed)
 
 
-def test_build_is_logged_once_with_provenance_and_kept_in_trainer_state(tmp_path, caplog):
+def test_build_is_logged_once_with_provenance_and_kept_with_the_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="optitrainer"):
         run = run_training("sgd", tmp_path, steps=2, save_strategy="steps", save_steps=2)
     built = [r.getMessage() for r in caplog.records if "built" in r.getMessage()]
     assert len(built) == 1
     assert "optim='sgd' built SGD from optitrainer 0.1.0" in built[0]
-    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
-    prov = state["stateful_callbacks"]["OptimizerProvenance"]["args"]
+    prov = json.loads((tmp_path / "checkpoint-2" / "optitrainer.json").read_text())
     assert prov == {"optimizer": "sgd", "distribution": "optitrainer", "version": "0.1.0"}
     assert run.losses
 
