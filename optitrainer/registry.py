@@ -13,6 +13,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -432,13 +433,28 @@ def _normalize(dist: str) -> str:
     return dist.lower().replace("_", "-")
 
 
+def importable(module: str) -> bool:
+    """Whether the top-level package of ``module`` can be imported (checked without importing it).
+
+    A module already in ``sys.modules`` counts, also one without ``__spec__`` (a stub a test or a
+    framework put there), for which ``find_spec`` raises ``ValueError`` instead of answering.
+    """
+    top = module.split(".")[0]
+    if sys.modules.get(top) is not None:
+        return True
+    try:
+        return importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def is_installed(spec: OptimizerSpec) -> bool:
     """Whether every upstream module the spec needs is importable (checked without importing it)."""
-    return all(importlib.util.find_spec(m.split(".")[0]) is not None for m in spec.imports)
+    return all(importable(m) for m in spec.imports)
 
 
 def ensure_installed(spec: OptimizerSpec, provenance: Provenance | None = None) -> None:
-    missing = [m for m in spec.imports if importlib.util.find_spec(m.split(".")[0]) is None]
+    missing = [m for m in spec.imports if not importable(m)]
     if missing:
         raise OptimizerNotInstalledError(
             f"optimizer {spec.name!r}"

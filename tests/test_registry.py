@@ -313,3 +313,27 @@ def test_install_hint_names_the_family_of_a_prefixed_name_only_when_it_is_missin
     monkeypatch.setenv(DISABLE_AUTOLOAD_ENV, "1")  # only the core: the bridge counts as not installed
     with pytest.raises(UnknownOptimizerError, match="pip install optitrainer-pytorch-optimizer"):
         Registry().resolve("po_adabelief")
+
+
+def test_a_stub_module_without_spec_counts_as_installed_and_never_crashes(monkeypatch):
+    """transformers' own optimizer tests stub bitsandbytes in sys.modules (no __spec__): find_spec raised
+    ``ValueError: bitsandbytes.__spec__ is not set`` from every installed-ness check."""
+    import sys
+    import types
+
+    from optitrainer import OptiTrainingArguments
+    from optitrainer.registry import importable
+
+    monkeypatch.setitem(
+        sys.modules, "optitrainer_stubbed_upstream", types.ModuleType("optitrainer_stubbed_upstream")
+    )
+    sys.modules["optitrainer_stubbed_upstream"].__spec__ = None
+    assert importable("optitrainer_stubbed_upstream.sub")
+    assert not importable("optitrainer_no_such_module")
+    stub = types.ModuleType("bitsandbytes")
+    stub.__spec__ = None
+    monkeypatch.setitem(sys.modules, "bitsandbytes", stub)
+    args = OptiTrainingArguments(
+        "unused", optim="adamw_bnb_8bit", report_to="none"
+    )  # resolving checks installed-ness
+    assert args.optim == "adamw_bnb_8bit"
