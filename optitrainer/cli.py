@@ -156,7 +156,11 @@ def _list(
     table.add_column("lr", no_wrap=True, min_width=4)
     table.add_column("provided by", overflow="fold", min_width=12, max_width=32)
     table.add_column("installed", overflow="fold", min_width=9, max_width=32)
-    table.add_column("summary", no_wrap=True, overflow="ellipsis", min_width=20, max_width=60)
+    # piped to a file or a program: every summary whole (a terminal's width would cut them)
+    piped = not console.is_terminal
+    table.add_column(
+        "summary", no_wrap=True, overflow="ellipsis", min_width=20, max_width=None if piped else 60
+    )
     for r in rows:
         if r.error:
             table.add_row(r.name, "", "", "", str(r.provenance), "[red]broken[/red]", f"[red]{r.error}[/red]")
@@ -426,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub.add_parser("bench", help="measure memory, speed and loss per optimizer (see `optitrainer bench -h`)")
     ns = parser.parse_args(argv)
-    console = Console(width=max(Console().width, 140))
+    # a terminal keeps its width (at least 140); a pipe or a file gets lines as long as the rows
+    console = Console(width=max(Console().width, 140)) if sys.stdout.isatty() else Console(width=1000)
     if ns.command == "list":
         return _list(
             console, ns.engine, dist=ns.dist, capabilities=ns.capability, grep=ns.grep, fmt=ns.format

@@ -36,6 +36,22 @@ def test_list_shows_names_modes_provenance_and_summary(cli):
     assert "layerwise" not in muon
 
 
+def test_list_piped_to_a_file_keeps_every_summary_whole(tmp_path):
+    """`optitrainer list > file` is not cut at a terminal's width (it was, at 140 columns)."""
+    import subprocess
+    import sys
+
+    from optitrainer import list_optimizers
+
+    with open(tmp_path / "list.txt", "w") as f:
+        subprocess.run([sys.executable, "-m", "optitrainer.cli", "list"], stdout=f, check=True, env=None)
+    text = (tmp_path / "list.txt").read_text()
+    long = [r for r in list_optimizers() if not r.error and len(r.summary) > 60]
+    assert long, "no summary longer than the 60 columns a terminal gives it"
+    for r in long:
+        assert r.summary in text, r.name
+
+
 def test_info_shows_typed_options_and_defaults(cli):
     out = cli("info", "sgd")
     assert out.returncode == 0, out.stderr
