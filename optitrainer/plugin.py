@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # keep this module importable without torch: listing plugins 
     from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "GradientRebuilder",
     "activation_checkpointing",
     "check_rebuilt",
@@ -54,6 +55,11 @@ __all__ = [
     "ENGINE_MODES",
     "needs_torch",
 ]
+
+#: The version of this API, ``(major, minor)``: a minor release only adds (a plugin written for 1.0 keeps
+#: working); a major one may remove what a minor release deprecated with a warning. 1.0: optitrainer 0.1.0.
+#: 1.1: :func:`needs_torch`, :attr:`BackwardContext.averager` (CHANGELOG.md lists every change).
+PLUGIN_API_VERSION = (1, 1)
 
 #: Exact clipping for plugins that update inside backward (see :mod:`optitrainer.clipping`): public here,
 #: imported on first use so that this module stays importable without torch.
