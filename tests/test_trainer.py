@@ -147,11 +147,11 @@ def test_layerwise_clipping_is_exact_and_logs_the_real_norm(tmp_path):
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
 def test_layerwise_clipping_after_accumulation_equals_the_standard_form(tmp_path, optim):
     """Clip and step after the last micro-batch's backward (every gradient is alive then anyway)."""
-    kw = {"steps": 6, "max_grad_norm": 0.5, "learning_rate": 5e-3, "gradient_accumulation_steps": 3}
+    kw = {"steps": 6, "max_grad_norm": 0.2, "learning_rate": 5e-3, "gradient_accumulation_steps": 3}
     kw["per_device_train_batch_size"] = 2
     std = run_training(optim, tmp_path / "std", **kw)
     lw = run_training(f"{optim}_layerwise", tmp_path / "lw", **kw)
-    assert all(n > 0.5 for n in std.grad_norms)  # clipping really happened
+    assert all(n > 0.2 for n in std.grad_norms)  # clipping really happened
     assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
     assert_same_run(lw, std, atol=1e-6)
 
