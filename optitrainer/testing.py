@@ -378,8 +378,11 @@ def check_refusals(case: ConformanceCase) -> None:
     caps = resolved.spec.capabilities
     import tempfile
 
+    lr_args = {} if "learning_rate" in case.args else {"learning_rate": _validation_lr(resolved)}
     with tempfile.TemporaryDirectory() as tmp:  # real arguments: a plugin's validate_arguments may read any
-        real = vars(training_arguments(tmp, optim=case.optim, **{**case.args, "max_grad_norm": 0.0}))
+        real = vars(
+            training_arguments(tmp, optim=case.optim, **{**lr_args, **case.args, "max_grad_norm": 0.0})
+        )
     base = {
         **real,
         "gradient_accumulation_steps": 1,
@@ -421,6 +424,34 @@ def check_refusals(case: ConformanceCase) -> None:
             assert "launch with" in found[0] or "train on one process" in found[0], found[0]
 
 
+def _validation_lr(resolved) -> float:
+    """The learning rate the kit judges a plugin's refusals at: its ``recommended_lr``, or else the first
+    rate of the learns check's sweep that its ``validate_arguments`` accepts (a plugin written before
+    ``recommended_lr`` existed may refuse the sweep's smallest rate, 1e-3, as a no-op)."""
+    from .kit.learning import LR_SWEEP
+
+    spec = resolved.spec
+    if spec.recommended_lr:
+        return spec.recommended_lr
+    if spec.validate_arguments is None:
+        return LR_SWEEP[0]
+    import tempfile
+
+    from .errors import IncompatibleConfigError
+
+    extra = {"optim_target_modules": GUIDE_TARGET_MODULES} if spec.capabilities.needs_target_modules else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for lr in LR_SWEEP:
+            try:  # building the arguments runs the plugin's validate_arguments
+                training_arguments(tmp, optim=resolved.name, learning_rate=lr, **extra)
+            except IncompatibleConfigError:
+                continue
+            except Exception:  # noqa: BLE001 - a crashing validator: the validator check reports it
+                return lr
+            return lr
+    return LR_SWEEP[0]  # every rate refused: the validator check reports it
+
+
 def _check_validators(resolved) -> None:
     """The plugin's ``validate_arguments`` and ``validate`` run on the kit's default setup: they return a
     list of strings (the problems), and nothing for defaults that train."""
@@ -436,8 +467,7 @@ def _check_validators(resolved) -> None:
         {"optim_target_modules": GUIDE_TARGET_MODULES} if spec.capabilities.needs_target_modules else {}
     )
     with tempfile.TemporaryDirectory() as tmp:
-        if spec.recommended_lr:
-            case_args["learning_rate"] = spec.recommended_lr
+        case_args["learning_rate"] = _validation_lr(resolved)
         args = training_arguments(tmp, optim=resolved.name, **case_args)
     options = parse_optim_args(spec, None)
     for label, run in (
@@ -456,4 +486,8 @@ def _check_validators(resolved) -> None:
         assert isinstance(problems, (list, tuple)) and all(isinstance(p, str) for p in problems), (
             f"{spec.name}: {label} returned {problems!r}; it must return a list of strings (the problems)"
         )
-        assert not problems, f"{spec.name}: {label} refuses the default options: {problems}"
+        assert not problems, (
+            f"{spec.name}: {label} refuses the default options at learning_rate={args.learning_rate:g}"
+            + ("" if spec.recommended_lr else " (no recommended_lr: the first rate of the sweep it accepts)")
+            + f": {problems}"
+        )

@@ -191,3 +191,12 @@ def test_a_deepspeed_run_does_not_turn_the_next_ddp_run_into_deepspeed(tmp_path)
     if "po_adamuon" in results:
         assert results["po_adamuon"].status == PASSED, results["po_adamuon"]
         assert "amplifies rounding" in results["po_adamuon"].detail
+
+
+def test_a_plugin_without_recommended_lr_is_judged_at_a_rate_its_validators_accept(registered, tmp_path):
+    """A 0.1.0-style plugin whose validate_arguments refuses lr < 0.1 failed check_refusals ("refuses the
+    default options": the kit validated at 1e-3); it is judged at the first rate of the sweep it accepts."""
+    registered(specs.LEGACY_LR_FLOOR)
+    results = check("kd_legacy_lr_floor", "refusals", "learns", tmp_path=tmp_path)
+    for key in [("kd_legacy_lr_floor", "refusals"), ("kd_legacy_lr_floor", "learns")]:
+        assert results[key].status == PASSED, results[key]

@@ -38,13 +38,21 @@ def _run(case, out, lr: float, steps: int) -> tuple[bool, float, float]:
 
 
 def check_learns(case, tmp_dir) -> str:
+    from ..errors import IncompatibleConfigError
     from ..registry import REGISTRY
 
     spec = REGISTRY.resolve(case.optim, check_installed=False).spec
     lrs = (spec.recommended_lr,) if spec.recommended_lr else LR_SWEEP
     tried, best = [], None
     for lr in lrs:
-        learned, first, last = _run(case, Path(tmp_dir) / f"lr{lr:g}", lr, STEPS)
+        try:
+            learned, first, last = _run(case, Path(tmp_dir) / f"lr{lr:g}", lr, STEPS)
+        except IncompatibleConfigError as exc:
+            if spec.recommended_lr:
+                raise
+            # its own validator refuses this rate (a plugin written before recommended_lr existed)
+            tried.append(f"lr {lr:g}: refused by the plugin ({exc})")
+            continue
         if learned:
             return f"loss {first:.3f} -> {last:.3f} in {STEPS} steps at lr {lr:g}"
         tried.append(f"lr {lr:g}: {first:.3f} -> {last:.3f} in {STEPS} steps")

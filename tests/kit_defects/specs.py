@@ -188,3 +188,19 @@ FUSED = OptimizerSpec(
     capabilities=_fused_caps(),
     backward=_fused_backward(average=True),
 )
+
+
+def _refuse_small_lr(args, options) -> list[str]:
+    if args.learning_rate < 0.1:
+        return [f"learning_rate={args.learning_rate:g} is a no-op for this method; use learning_rate >= 0.1"]
+    return []
+
+
+#: correct, in the style of a plugin written for optitrainer 0.1.0 (before ``recommended_lr`` existed): its
+#: validator refuses the sweep's smallest rate, 1e-3, and it learns at 0.1
+LEGACY_LR_FLOOR = OptimizerSpec(
+    name="kd_legacy_lr_floor",
+    factory=_sgd_momentum,
+    summary="SGD that refuses learning rates below 0.1, without recommended_lr (control)",
+    validate_arguments=_refuse_small_lr,
+)
