@@ -132,7 +132,9 @@ class Option:
         return len(self.default) if isinstance(self.default, (tuple, list)) else None
 
     def describe_type(self) -> str:
-        text = "finite float" if self.type is float else self.type.__name__
+        # "float ..., finite": messages begin as in optitrainer 0.1.0 ("expected float in [0, inf"), so
+        # plugin tests written then that match them keep passing
+        text = self.type.__name__
         if self.type is tuple:
             n = self.tuple_length
             text = f"tuple of {n if n is not None else 'any number of'} {self.element.__name__}"
@@ -146,6 +148,8 @@ class Option:
             left = "(" if self.low_exclusive or self.low is None else "["
             right = ")" if self.high_exclusive or self.high is None else "]"
             text += f" in {left}{lo}, {hi}{right}"
+        if self.type is float and not self.choices:
+            text += ", finite"
         return text
 
 

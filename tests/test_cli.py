@@ -58,7 +58,7 @@ def test_info_shows_typed_options_and_defaults(cli):
     text = out.stdout
     assert "provided by: optitrainer 0.1.0" in text and "modes: standard, sgd_layerwise" in text
     assert (
-        "momentum" in text and "finite float in [0, inf)" in text and "nesterov" in text and "False" in text
+        "momentum" in text and "float in [0, inf), finite" in text and "nesterov" in text and "False" in text
     )
 
 
