@@ -81,25 +81,32 @@ class RunResult:
     eval_losses: list[float] = field(default_factory=list)
 
 
+#: what :func:`training_arguments` sets unless overridden
+_TEST_ARGUMENTS = {
+    "max_steps": 20,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+    "data_seed": 0,
+    "use_cpu": True,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+}
+
+
+def training_arguments_default(key: str) -> Any:
+    """The value :func:`training_arguments` gives ``key`` unless overridden."""
+    return _TEST_ARGUMENTS[key]
+
+
 def training_arguments(output_dir: str | os.PathLike, *, arguments_cls=None, **overrides: Any):
     """Deterministic, quiet, CPU training arguments for tests (override anything)."""
     if arguments_cls is None:
         from .arguments import OptiTrainingArguments as arguments_cls
-    kwargs = {
-        "output_dir": str(output_dir),
-        "max_steps": 20,
-        "per_device_train_batch_size": 4,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "seed": 0,
-        "data_seed": 0,
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-    }
-    kwargs.update(overrides)
+    kwargs = {"output_dir": str(output_dir), **_TEST_ARGUMENTS, **overrides}
     return arguments_cls(**kwargs)
 
 
@@ -256,9 +263,14 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
             args["optim_target_modules"] = GUIDE_TARGET_MODULES
         if not caps.gradient_clipping:  # the trainer refuses max_grad_norm > 0 (checked by check_refusals)
             args["max_grad_norm"] = 0.0
+        missing = missing_distributions(spec)
         if spec.recommended_lr:  # the rate it is meant to run at (a plugin may refuse others)
             args["learning_rate"] = spec.recommended_lr
-        missing = missing_distributions(spec)
+        elif not missing and (spec.validate is not None or spec.validate_arguments is not None):
+            # no declared rate (a plugin older than recommended_lr): one its own validators accept
+            lr = _validation_lr(REGISTRY.resolve(info.name, check_installed=False))
+            if lr != training_arguments_default("learning_rate"):
+                args["learning_rate"] = lr
         if missing:
             skip = f"upstream package not installed ({spec.pip_command()})"
         elif caps.requires_cuda and not torch.cuda.is_available():
@@ -433,17 +445,23 @@ def _validation_lr(resolved) -> float:
     spec = resolved.spec
     if spec.recommended_lr:
         return spec.recommended_lr
-    if spec.validate_arguments is None:
+    if spec.validate_arguments is None and spec.validate is None:
         return LR_SWEEP[0]
     import tempfile
 
     from .errors import IncompatibleConfigError
+    from .options import parse_optim_args
+    from .plugin import BuildContext
 
     extra = {"optim_target_modules": GUIDE_TARGET_MODULES} if spec.capabilities.needs_target_modules else {}
     with tempfile.TemporaryDirectory() as tmp:
         for lr in LR_SWEEP:
             try:  # building the arguments runs the plugin's validate_arguments
-                training_arguments(tmp, optim=resolved.name, learning_rate=lr, **extra)
+                args = training_arguments(tmp, optim=resolved.name, learning_rate=lr, **extra)
+                if spec.validate is not None:  # and a plugin of 0.1.0 may refuse the rate in validate(ctx)
+                    options = parse_optim_args(spec, None)
+                    if spec.validate(BuildContext(tiny_llama(), args, options, spec.name)):
+                        continue
             except IncompatibleConfigError:
                 continue
             except Exception:  # noqa: BLE001 - a crashing validator: the validator check reports it

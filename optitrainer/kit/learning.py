@@ -41,8 +41,15 @@ def check_learns(case, tmp_dir) -> str:
     from ..errors import IncompatibleConfigError
     from ..registry import REGISTRY
 
-    spec = REGISTRY.resolve(case.optim, check_installed=False).spec
-    lrs = (spec.recommended_lr,) if spec.recommended_lr else LR_SWEEP
+    resolved = REGISTRY.resolve(case.optim, check_installed=False)
+    spec = resolved.spec
+    if spec.recommended_lr:
+        lrs: tuple[float, ...] = (spec.recommended_lr,)
+    else:  # three decades from the smallest rate of the sweep the plugin's validators accept
+        from ..testing import _validation_lr
+
+        start = _validation_lr(resolved)
+        lrs = tuple(float(f"{start * 10**k:g}") for k in range(len(LR_SWEEP)))
     tried, best = [], None
     for lr in lrs:
         try:
@@ -65,7 +72,9 @@ def check_learns(case, tmp_dir) -> str:
             return f"loss {first:.3f} -> {last:.3f} in {LONG_STEPS} steps at lr {lr:g} (not in {STEPS})"
         tried.append(f"lr {lr:g}: {first:.3f} -> {last:.3f} in {LONG_STEPS} steps")
     where = (
-        "its recommended_lr" if spec.recommended_lr else "any lr of the sweep (no recommended_lr declared)"
+        "its recommended_lr"
+        if spec.recommended_lr
+        else "any lr of the sweep (no recommended_lr declared; three decades from the first rate it accepts)"
     )
     raise AssertionError(
         f"{case.optim} does not learn at {where}: the mean loss of the first/last 3 steps on the tiny Llama "
