@@ -56,6 +56,11 @@ CASES = {
         "apollo_adamw_layerwise",
         {**TARGETS, "max_grad_norm": 1.0, "optim_args": "rank=4, update_proj_gap=2"},
     ),
+    # accumulation with exact clipping: the last micro-batch's hooks average and measure, then the updates
+    "adamw_torch_layerwise_accum_clip": (
+        "adamw_torch_layerwise",
+        {"max_grad_norm": 1.0, "gradient_accumulation_steps": 2, "per_device_train_batch_size": 1},
+    ),
     # accumulation: the hooks communicate and step on the last micro-batch only
     "sgd_layerwise_accum": (
         "sgd_layerwise",
