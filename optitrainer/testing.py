@@ -437,9 +437,9 @@ def check_refusals(case: ConformanceCase) -> None:
 
 
 def _validation_lr(resolved) -> float:
-    """The learning rate the kit judges a plugin's refusals at: its ``recommended_lr``, or else the first
-    rate of the learns check's sweep that its ``validate_arguments`` accepts (a plugin written before
-    ``recommended_lr`` existed may refuse the sweep's smallest rate, 1e-3, as a no-op)."""
+    """The learning rate the kit runs a plugin's checks at: its ``recommended_lr``, or else the first rate
+    of the learns check's sweep that its validators accept (``validate_arguments``, and ``validate(ctx)``
+    where a plugin written for 0.1.0 refuses rates): such a plugin may refuse 1e-3 as a no-op."""
     from .kit.learning import LR_SWEEP
 
     spec = resolved.spec
