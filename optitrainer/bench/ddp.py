@@ -238,41 +238,21 @@ def worker(config_path: str) -> None:
 
 
 def _launch(cfg: dict[str, Any], nproc: int, workdir: Path, timeout: float) -> dict[str, Any]:
-    import shutil
-    import signal
-    import subprocess
+    from ..torchrun import run_torchrun
 
     cfg = dict(cfg, result=str(workdir / f"result-{nproc}.json"))
     config_path = workdir / f"config-{nproc}.json"
     config_path.write_text(json.dumps(cfg))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        str(nproc),
-        "-m",
-        __name__,
-        "--worker",
-        str(config_path),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"]), "MASTER_ADDR": "127.0.0.1"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+    code, out = run_torchrun(
+        ["-m", __name__, "--worker", config_path],
+        nproc,
+        timeout,
+        env={"OMP_NUM_THREADS": str(cfg["threads"])},
     )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise RuntimeError(
-            f"the {nproc}-process launch timed out after {timeout:.0f} s:\n{out[-3000:]}"
-        ) from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {nproc}-process launch failed ({proc.returncode}):\n{out[-3000:]}")
+    if code is None:
+        raise RuntimeError(f"the {nproc}-process launch timed out after {timeout:.0f} s:\n{out[-3000:]}")
+    if code != 0:
+        raise RuntimeError(f"the {nproc}-process launch failed ({code}):\n{out[-3000:]}")
     return json.loads(Path(cfg["result"]).read_text())
 
 

@@ -10,9 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,26 +134,12 @@ def run_distributed(runs: list[DistributedRun], out_dir: str | os.PathLike) -> l
 
 
 def _torchrun(out: Path, timeout: float) -> str:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    cmd = [exe, "--standalone", "--nproc_per_node", "2", str(WORKER), str(out), str(out / "runs.json")]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
-    )
-    try:
-        text, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-        text, _ = proc.communicate()
+    from ..torchrun import run_torchrun
+
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    code, text = run_torchrun([WORKER, out, out / "runs.json"], nproc=2, timeout=timeout, env=env)
+    if code is None:
         text += f"\n[torchrun killed after {timeout:.0f}s]"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     return text
 
 
