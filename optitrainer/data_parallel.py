@@ -84,13 +84,16 @@ class BucketedAverager:
         self._open: torch.Tensor | None = None  # the bucket being filled
         self._open_used = 0  # elements of it filled
         self._open_layout: list[tuple[int, torch.Size, Callable[[torch.Tensor], None]]] = []
-        self._in_flight: collections.deque[tuple[Any, torch.Tensor, list, bool]] = collections.deque()
+        # (work, averaged flat tensor, layout, bucket buffer to reuse or None for a gradient reduced in place)
+        self._in_flight: collections.deque[tuple[Any, torch.Tensor, list, torch.Tensor | None]] = (
+            collections.deque()
+        )
         self._free: list[torch.Tensor] = []  # bucket buffers to reuse
         #: collectives sent, and seconds spent waiting for one to arrive (communication not overlapped)
         self.collectives = 0
         self.wait_s = 0.0
         #: bytes of the bucket buffers, all kept for reuse (the gradients reduced in place not counted)
-        self.peak_bytes = 0
+        self.buffer_bytes = 0
         self._remaining: int | None = None  # gradient bytes still to come in this pass (see expect)
 
     def add(self, grad: torch.Tensor, on_ready: Callable[[torch.Tensor], None]) -> None:
@@ -106,7 +109,7 @@ class BucketedAverager:
                 self._remaining -= numel * grad.element_size()
             flat = grad.reshape(-1)
             flat.div_(self.world_size)
-            self._all_reduce(flat, [(0, grad.shape, on_ready)], pooled=False)
+            self._all_reduce(flat, [(0, grad.shape, on_ready)], buffer=None)
         else:
             open_ = self._open
             if open_ is not None and (
@@ -147,7 +150,7 @@ class BucketedAverager:
             if buf.dtype == like.dtype and buf.device == like.device:
                 return self._free.pop(i)
         buf = torch.empty(self.bucket_cap_bytes // like.element_size(), dtype=like.dtype, device=like.device)
-        self.peak_bytes += buf.numel() * buf.element_size()  # buffers are kept and reused, never freed
+        self.buffer_bytes += buf.numel() * buf.element_size()  # kept and reused, never freed
         return buf
 
     def _send(self) -> None:
@@ -155,16 +158,14 @@ class BucketedAverager:
             return
         buf, used, layout = self._open, self._open_used, self._open_layout
         self._open, self._open_used, self._open_layout = None, 0, []
-        self._all_reduce(buf[:used], layout, pooled=True, buffer=buf)
+        self._all_reduce(buf[:used], layout, buffer=buf)
 
-    def _all_reduce(
-        self, flat: torch.Tensor, layout: list, pooled: bool, buffer: torch.Tensor | None = None
-    ) -> None:
+    def _all_reduce(self, flat: torch.Tensor, layout: list, buffer: torch.Tensor | None) -> None:
         import torch.distributed as dist
 
         work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         self.collectives += 1
-        self._in_flight.append((work, flat, layout, buffer if pooled else None))
+        self._in_flight.append((work, flat, layout, buffer))
         while len(self._in_flight) > self.max_in_flight:
             self._deliver_oldest()
 

@@ -46,7 +46,7 @@ def main(out: str) -> None:
         result[label] = {
             "order": [i for i, _ in delivered],
             "averages": [a for _, a in delivered],
-            "peak_bytes": averager.peak_bytes,
+            "buffer_bytes": averager.buffer_bytes,
             "collectives": averager.collectives,
         }
     torch.save(result, f"{out}/rank{rank}.pt")

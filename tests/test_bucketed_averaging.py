@@ -37,6 +37,20 @@ def test_buckets_bound_the_memory_and_the_collectives(ranks):
     # tiny buckets (20 kB): many collectives; the buffers are reused, at most 2 in flight + 1 being filled,
     # for each of the two dtypes (gradients larger than a bucket are reduced in place)
     assert tiny["collectives"] >= 5
-    assert tiny["peak_bytes"] <= 2 * 3 * 20_000
+    assert tiny["buffer_bytes"] <= 2 * 3 * 20_000
     # DDP's 25 MiB: one bucket per dtype (the bfloat16 gradient closes the float32 bucket before it)
     assert ddp["collectives"] == 3
+
+
+@pytest.mark.parametrize("cap_mb, expected_bytes", [(None, 25 * 2**20), (5, 5 * 2**20)])
+def test_the_trainer_sizes_its_buckets_from_ddp_bucket_cap_mb(tmp_path, cap_mb, expected_bytes):
+    """`ddp_bucket_cap_mb` (DDP's own setting) sizes the layerwise engine's buckets; unset, DDP's 25 MiB."""
+    from optitrainer import OptiTrainer
+    from optitrainer.engine import Engine
+    from optitrainer.testing import SyntheticLMDataset, tiny_llama, training_arguments
+
+    args = training_arguments(tmp_path, optim="adamw_torch_layerwise", ddp_bucket_cap_mb=cap_mb)
+    trainer = OptiTrainer(model=tiny_llama(), args=args, train_dataset=SyntheticLMDataset())
+    trainer.opti_engine = Engine("ddp", 2)  # what a 2-rank launch reads from the accelerator
+    engine = trainer.create_optimizer()
+    assert engine.averager is not None and engine.averager.bucket_cap_bytes == expected_bytes
