@@ -154,8 +154,6 @@ def with_optitrainer(arguments_cls: type) -> type:
     cls.__module__ = __name__
     cls = dataclasses.dataclass(cls)
     _MADE[arguments_cls] = cls
-    if name not in globals():  # findable by name too (copy, repr); pickling goes through the base class
-        globals()[name] = cls
     return cls
 
 

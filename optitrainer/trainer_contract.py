@@ -228,7 +228,7 @@ def check_environment() -> None:
     lines += [f"  - {h}" for h in hooks]
     fix = _pip_fix()
     if any(v.startswith("torch ") for v in versions):
-        fix += " and torch>=2.6 (a CUDA build from your CUDA's index, or the CPU build)"
+        fix += f" and 'torch{SUPPORTED['torch']}' (the build for your CUDA, or the CPU build)"
     lines.append(f"Fix: {fix}.")
     if versions and not hooks:
         lines.append(
