@@ -81,32 +81,25 @@ class RunResult:
     eval_losses: list[float] = field(default_factory=list)
 
 
-#: what :func:`training_arguments` sets unless overridden
-_TEST_ARGUMENTS = {
-    "max_steps": 20,
-    "per_device_train_batch_size": 4,
-    "learning_rate": 1e-3,
-    "logging_steps": 1,
-    "save_strategy": "no",
-    "report_to": "none",
-    "seed": 0,
-    "data_seed": 0,
-    "use_cpu": True,
-    "disable_tqdm": True,
-    "dataloader_num_workers": 0,
-}
-
-
-def training_arguments_default(key: str) -> Any:
-    """The value :func:`training_arguments` gives ``key`` unless overridden."""
-    return _TEST_ARGUMENTS[key]
-
-
 def training_arguments(output_dir: str | os.PathLike, *, arguments_cls=None, **overrides: Any):
     """Deterministic, quiet, CPU training arguments for tests (override anything)."""
     if arguments_cls is None:
         from .arguments import OptiTrainingArguments as arguments_cls
-    kwargs = {"output_dir": str(output_dir), **_TEST_ARGUMENTS, **overrides}
+    kwargs = {
+        "output_dir": str(output_dir),
+        "max_steps": 20,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 0,
+        "data_seed": 0,
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+    kwargs.update(overrides)
     return arguments_cls(**kwargs)
 
 
@@ -268,9 +261,7 @@ def conformance_cases(names: Sequence[str] | None = None) -> list[ConformanceCas
             args["learning_rate"] = spec.recommended_lr
         elif not missing and (spec.validate is not None or spec.validate_arguments is not None):
             # no declared rate (a plugin older than recommended_lr): one its own validators accept
-            lr = _validation_lr(REGISTRY.resolve(info.name, check_installed=False))
-            if lr != training_arguments_default("learning_rate"):
-                args["learning_rate"] = lr
+            args["learning_rate"] = _validation_lr(REGISTRY.resolve(info.name, check_installed=False))
         if missing:
             skip = f"upstream package not installed ({spec.pip_command()})"
         elif caps.requires_cuda and not torch.cuda.is_available():
