@@ -32,6 +32,7 @@ from .engine import Engine, engine_from_accelerator, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
 from .log import follow_transformers_verbosity
+from .optimizer_class import optimizer_cls_and_kwargs
 from .plugin import BackwardContext, BuildContext
 from .trainer_contract import check_environment
 
@@ -128,6 +129,15 @@ class OptiTrainerMixin:
             for callback in resolved.spec.callbacks(optimizer):
                 self.add_callback(callback)
         return self.optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None = None) -> tuple[Any, Any]:
+        """transformers' answer for any plugin name: ``(class, kwargs)``, or its factory form.
+
+        See :func:`optitrainer.optimizer_class.optimizer_cls_and_kwargs`; layerwise and fused-backward
+        names are refused (only OptiTrainer's training step runs them).
+        """
+        return optimizer_cls_and_kwargs(args, model)
 
     def _factory_optimizer(self) -> torch.optim.Optimizer:
         """An optimizer the plugin's factory built: in layerwise mode, the first parameter's."""

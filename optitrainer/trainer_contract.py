@@ -104,7 +104,7 @@ HOOKS: tuple[Hook, ...] = (
         *_T,
         "get_optimizer_cls_and_kwargs",
         ("args", "model"),
-        "builds transformers' own optimizers for names no plugin provides",
+        "builds transformers' own optimizers for names no plugin provides, and answers for plugin names",
     ),
     Hook("transformers.trainer", "", "SCHEDULER_NAME", None, "names the scheduler file of a checkpoint"),
     Hook("transformers.trainer_utils", "", "PREFIX_CHECKPOINT_DIR", None, "names the checkpoint folders"),
