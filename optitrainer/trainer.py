@@ -28,7 +28,7 @@ from .data_parallel import (
     replicate_without_ddp,
     without_ddp_reduction,
 )
-from .engine import Engine, engine_from_accelerator, launch_problem
+from .engine import Engine, engine_from_accelerator, engine_from_arguments, launch_problem
 from .errors import LaunchError
 from .layerwise import LayerwiseOptimizer, build_layerwise
 from .log import follow_transformers_verbosity
@@ -41,6 +41,22 @@ logger = logging.getLogger("optitrainer")
 
 #: file beside every checkpoint's ``trainer_state.json``: which optimizer was built, by which distribution
 PROVENANCE_FILE = "optitrainer.json"
+
+
+def _warn_if_the_engine_asked_for_does_not_run(asked: Engine, running: Engine) -> None:
+    """accelerate drops an engine it does not support where it runs (FSDP on CPU) and trains on."""
+    if asked.kind not in ("fsdp", "deepspeed") or asked.kind == running.kind or running.world_size < 2:
+        return
+    logger.warning(
+        "optitrainer: %s asks for %s, but accelerate runs %s%s. Training goes on with %s's memory use.",
+        asked.source,
+        asked,
+        running,
+        " (accelerate turns FSDP on only for GPUs and other accelerators, not with use_cpu)"
+        if asked.kind == "fsdp" and running.kind == "ddp"
+        else "",
+        running,
+    )
 
 
 class OptiTrainerMixin:
@@ -63,6 +79,7 @@ class OptiTrainerMixin:
         problem = launch_problem(self.opti_engine)
         if problem is not None:
             raise LaunchError(problem)
+        _warn_if_the_engine_asked_for_does_not_run(engine_from_arguments(self.args), self.opti_engine)
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             self._opti_choice = choose_optimizer(self.args)
             # again with the engine that really runs: accelerate's config file, its environment or the
@@ -345,6 +362,18 @@ class OptiTrainerMixin:
 
         from .distributed_checkpoint import save_sharded
 
+        if getattr(self, "is_fsdp_enabled", False):
+            # Trainer._save_optimizer_and_scheduler saves the FSDP model here too (pytorch_model_fsdp*), and
+            # its resume (_load_from_checkpoint -> load_fsdp_model) reads nothing else under FSDP
+            from transformers import trainer as hf_trainer
+
+            hf_trainer.save_fsdp_model(
+                self.accelerator.state.fsdp_plugin,
+                self.accelerator,
+                self.model,
+                output_dir,
+                **hf_trainer.get_fsdp_ckpt_kwargs(),
+            )
         save_sharded(os.path.join(output_dir, self.LAYERWISE_DCP_DIR), self._opti_optimizer)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))

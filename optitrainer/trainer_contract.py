@@ -107,6 +107,16 @@ HOOKS: tuple[Hook, ...] = (
         "builds transformers' own optimizers for names no plugin provides, and answers for plugin names",
     ),
     Hook("transformers.trainer", "", "SCHEDULER_NAME", None, "names the scheduler file of a checkpoint"),
+    Hook(
+        "transformers.trainer",
+        "",
+        "save_fsdp_model",
+        ("fsdp_plugin", "accelerator", "model", "output_dir"),
+        "saves the FSDP model beside the layerwise engine's sharded state, where the Trainer's resume reads it",
+    ),
+    Hook(
+        "transformers.trainer", "", "get_fsdp_ckpt_kwargs", (), "passes the Trainer's FSDP checkpoint options"
+    ),
     Hook("transformers.trainer_utils", "", "PREFIX_CHECKPOINT_DIR", None, "names the checkpoint folders"),
     Hook("transformers.training_args", "", "OptimizerNames", None, "lists the names transformers knows"),
     Hook(*_A, "backward", ("self", "loss"), "the call training_step makes, replaced for one step"),
