@@ -319,6 +319,52 @@ def _matrix(console: Console, names: list[str], markdown: bool, write: str | Non
     return 0
 
 
+def _measure_lr(console: Console, names: list[str]) -> int:
+    """Measure and print each name's ``learning_rate_range``; 1 if one does not learn where it starts."""
+    import tempfile
+
+    from .kit.learning import LONG_STEPS, LR_SWEEP, _run, measure_learning_rate_range
+    from .testing import conformance_cases
+
+    if not names:
+        console.print("[red]give the optimizer names to measure[/red]")
+        return 2
+    status = 0
+    for case in conformance_cases(names):
+        if case.optim.endswith(LAYERWISE_SUFFIX):
+            continue  # the same update as the standard form
+        if case.skip or case.error:
+            console.print(
+                f"[yellow]{case.optim}: not measured: {case.skip or case.error}[/yellow]", highlight=False
+            )
+            continue
+        spec = REGISTRY.resolve(case.optim, check_installed=False).spec
+        with tempfile.TemporaryDirectory() as tmp:
+            start = spec.recommended_lr or next(
+                (lr for lr in LR_SWEEP if _run(case, f"{tmp}/sweep{lr:g}", lr, LONG_STEPS)[0]), None
+            )
+            if start is None:
+                console.print(
+                    f"[red]{case.optim}: learns at none of {LR_SWEEP}: nothing to measure from[/red]"
+                )
+                status = 1
+                continue
+            try:
+                found = measure_learning_rate_range(case, tmp, start=start)
+            except AssertionError as exc:
+                console.print(f"[red]{exc}[/red]", highlight=False)
+                status = 1
+                continue
+        missed = " nor ".join(f"{x:g}" for x in (found.failed_below, found.failed_above) if x is not None)
+        console.print(
+            f"{case.optim}: learns at learning_rate {found.low:g} to {found.high:g} ({found.steps} steps, "
+            f"constant lr, the kit's tiny Llama){f'; not at {missed}' if missed else ''}\n"
+            f"  declare: OptimizerSpec(..., {found.spec_line()})",
+            highlight=False,
+        )
+    return status
+
+
 def _check(console: Console, names: list[str], dist: str | None, every: bool, checks: str | None) -> int:
     """Run the conformance kit; print each result as it comes, then a summary; 1 on any failure."""
     import time
@@ -428,6 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     chk.add_argument(
         "--checks", help="comma-separated subset of the checks (e.g. learns,options,distributed)"
     )
+    chk.add_argument(
+        "--measure-lr",
+        action="store_true",
+        help="instead of checking: measure the learning rates at which each name learns (the learns "
+        "check's criterion, walking a 1-2-5 grid from its recommended_lr) and print the "
+        "learning_rate_range to declare",
+    )
     sub.add_parser("bench", help="measure memory, speed and loss per optimizer (see `optitrainer bench -h`)")
     ns = parser.parse_args(argv)
     # a terminal keeps its width (at least 140); a pipe or a file gets lines as long as the rows
@@ -436,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list(
             console, ns.engine, dist=ns.dist, capabilities=ns.capability, grep=ns.grep, fmt=ns.format
         )
+    if ns.command == "check" and ns.measure_lr:
+        return _measure_lr(console, ns.names)
     if ns.command == "check":
         return _check(console, ns.names, ns.dist, ns.all, ns.checks)
     if ns.command == "matrix":

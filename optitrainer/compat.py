@@ -141,9 +141,28 @@ def check_arguments(
 
 
 def learning_rate_warning(resolved: ResolvedOptimizer, lr: float) -> str | None:
-    """A warning when ``lr`` is 100 times away from the spec's recommended learning rate, or more."""
-    recommended = resolved.spec.recommended_lr
-    if recommended is None or lr is None or lr <= 0:
+    """A warning when ``lr`` lies outside the spec's measured ``learning_rate_range``; without one, when it
+    is 100 times away from the recommended learning rate, or more."""
+    spec = resolved.spec
+    if lr is None or lr <= 0:
+        return None
+    if spec.learning_rate_range is not None:
+        low, high = spec.learning_rate_range
+        if low <= lr <= high:
+            return None
+        advice = (
+            f"Set learning_rate={spec.recommended_lr:g}"
+            if spec.recommended_lr
+            else "Set a rate in that range"
+        )
+        return (
+            f"optim={resolved.name!r} learned only at learning_rate {low:g} to {high:g} in its plugin's "
+            f"measurement ({resolved.provenance}; optitrainer check {spec.name} --measure-lr), and "
+            f"learning_rate={lr:g} is {'below' if lr < low else 'above'} that: the loss may not move "
+            f"{'at all' if lr < low else 'down'}. {advice} unless you know this is what you want."
+        )
+    recommended = spec.recommended_lr
+    if recommended is None:
         return None
     ratio = lr / recommended
     if 1 / 100 < ratio < 100:

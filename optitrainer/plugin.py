@@ -58,8 +58,9 @@ __all__ = [
 
 #: The version of this API, ``(major, minor)``: a minor release only adds (a plugin written for 1.0 keeps
 #: working); a major one may remove what a minor release deprecated with a warning. 1.0: optitrainer 0.1.0.
-#: 1.1: :func:`needs_torch`, :attr:`BackwardContext.averager` (CHANGELOG.md lists every change).
-PLUGIN_API_VERSION = (1, 1)
+#: 1.1: :func:`needs_torch`, :attr:`BackwardContext.averager`. 1.2: :attr:`OptimizerSpec.learning_rate_range`
+#: (CHANGELOG.md lists every change).
+PLUGIN_API_VERSION = (1, 2)
 
 #: Exact clipping for plugins that update inside backward (see :mod:`optitrainer.clipping`): public here,
 #: imported on first use so that this module stays importable without torch.
@@ -369,8 +370,12 @@ class OptimizerSpec:
             built; in layerwise mode, the first parameter's optimizer.
         docs: a longer description (markdown) for ``optitrainer info``.
         recommended_lr: the learning rate the method is meant to run at (e.g. 1.0 for Prodigy and
-            D-Adaptation). The conformance kit trains at it, ``optitrainer info`` shows it, and the
-            trainer warns when ``learning_rate`` is 100 times away from it or more.
+            D-Adaptation). The conformance kit trains at it, ``optitrainer info`` shows it, and (without
+            ``learning_rate_range``) the trainer warns when ``learning_rate`` is 100 times away from it.
+        learning_rate_range: ``(low, high)``, the learning rates at which the method learned in the
+            kit's run, measured with ``optitrainer check NAME --measure-lr``; the trainer warns outside
+            it, and the kit's ``learns`` check trains at both ends. Declare it for methods whose rate is a
+            dimensionless multiplier (Prodigy, D-Adaptation), where a tiny model's range carries over.
         validate_arguments: ``validate_arguments(args, options) -> list[str]``: problems that need no
             model (e.g. a learning rate that makes the method a no-op), found when the training
             arguments are built and reported with the other conflicts.
@@ -392,12 +397,22 @@ class OptimizerSpec:
     docs: str = ""
     recommended_lr: float | None = None
     validate_arguments: Callable[[TrainingArguments, dict[str, Any]], list[str]] | None = None
+    learning_rate_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.name):
             raise ValueError(f"optimizer name {self.name!r} must be lower_snake_case")
         if self.capabilities.owns_backward and self.backward is None:
             raise ValueError(f"{self.name!r} declares owns_backward but gives no backward function")
+        if self.learning_rate_range is not None:
+            low, high = self.learning_rate_range
+            if not 0 < low <= high:
+                raise ValueError(f"{self.name!r}: learning_rate_range=({low}, {high}) needs 0 < low <= high")
+            if self.recommended_lr is not None and not low <= self.recommended_lr <= high:
+                raise ValueError(
+                    f"{self.name!r}: recommended_lr={self.recommended_lr} lies outside "
+                    f"learning_rate_range=({low}, {high})"
+                )
         if self.recommended_lr is not None and not (
             isinstance(self.recommended_lr, (int, float)) and 0 < self.recommended_lr < float("inf")
         ):

@@ -377,3 +377,51 @@ def test_learning_rate_far_from_the_recommended_one_is_warned_about(adaptive_spe
 def test_recommended_lr_must_be_a_positive_number():
     with pytest.raises(ValueError, match="recommended_lr must be a positive number"):
         OptimizerSpec(name="bad_lr_opt", factory=lambda ctx: None, summary="x", recommended_lr=0.0)
+
+
+def test_a_measured_learning_rate_range_sets_where_the_warning_starts(adaptive_spec, caplog):
+    """Prodigy-like: 20 times below its recommended rate it does not learn at all (issue 18's 0.05)."""
+    import dataclasses
+
+    measured = dataclasses.replace(ADAPTIVE, name="measured_lr_opt", learning_rate_range=(0.2, 20.0))
+    register(measured, replace=True)
+    try:
+        with caplog.at_level("WARNING", logger="optitrainer"):
+            for lr in (0.05, 0.2, 1.0, 20.0, 50.0):
+                args(optim="measured_lr_opt", learning_rate=lr)
+    finally:
+        REGISTRY.unregister("measured_lr_opt")
+    warned = [r.getMessage() for r in caplog.records if "learned only at" in r.getMessage()]
+    assert warned == [
+        f"optitrainer: optim='measured_lr_opt' learned only at learning_rate 0.2 to 20 in its plugin's "
+        f"measurement (<in-process>; optitrainer check measured_lr_opt --measure-lr), and learning_rate={lr} "
+        f"is {where} that: the loss may not move {how}. Set learning_rate=1 unless you know this is what you want."
+        for lr, where, how in (("0.05", "below", "at all"), ("50", "above", "down"))
+    ]
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ((0.0, 1.0), "needs 0 < low <= high"),
+        ((2.0, 1.0), "needs 0 < low <= high"),
+        ((2.0, 5.0), "lies outside"),
+    ],
+)
+def test_a_learning_rate_range_must_hold_the_recommended_rate(bounds, message):
+    with pytest.raises(ValueError, match=message):
+        OptimizerSpec(
+            name="bad_range",
+            factory=lambda ctx: None,
+            summary="x",
+            recommended_lr=1.0,
+            learning_rate_range=bounds,
+        )
+
+
+def test_prodigy_20_times_below_its_rate_is_warned_about(caplog):
+    """Issue 18: --learning_rate 0.05 trained 40 steps without learning and nothing was said."""
+    pytest.importorskip("prodigyopt")
+    with caplog.at_level("WARNING", logger="optitrainer"):
+        args(optim="prodigy", learning_rate=0.05, lr_scheduler_type="constant")
+    assert "learned only at learning_rate 0.2 to 50" in caplog.text and "is below that" in caplog.text

@@ -66,6 +66,39 @@ def test_a_recommended_lr_is_the_one_the_kit_trains_at(registered, tmp_path):
     )
 
 
+def test_a_declared_learning_rate_range_must_learn_at_both_ends(registered, tmp_path):
+    """A range is a claim the trainer's warning relies on: the kit trains at its ends."""
+    import dataclasses
+
+    claims = dataclasses.replace(
+        specs.SGD_MOMENTUM, name="kd_sgd_range", recommended_lr=0.1, learning_rate_range=(1e-5, 0.1)
+    )
+    registered(claims)
+    result = check("kd_sgd_range", "learns", tmp_path=tmp_path)[("kd_sgd_range", "learns")]
+    assert result.status == FAILED, result
+    assert "declares learning_rate_range=(1e-05, 0.1) but does not learn at 1e-05" in result.detail
+    assert "optitrainer check kd_sgd_range --measure-lr" in result.detail
+
+
+def test_measure_lr_prints_the_range_to_declare(registered, tmp_path, monkeypatch, capsys):
+    """``optitrainer check NAME --measure-lr`` walks the grid from recommended_lr until the loss stays flat."""
+    import dataclasses
+
+    from optitrainer import cli
+    from optitrainer.kit import learning
+
+    monkeypatch.setattr(learning, "_GRID_REACH", 2)  # two grid steps each way: 0.02, 0.01 and 0.2, 0.5
+    registered(dataclasses.replace(specs.SGD_MOMENTUM, name="kd_sgd_measured", recommended_lr=0.05))
+    assert cli.main(["check", "kd_sgd_measured", "--measure-lr"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "kd_sgd_measured: learns at learning_rate " in out
+        and "declare: OptimizerSpec(..., learning_rate_range=(" in out
+    )
+    low, high = (float(x) for x in out.split("learning_rate_range=(")[1].split(")")[0].split(", "))
+    assert low <= 0.05 <= high
+
+
 def test_train_eval_modes_must_match_the_optimizer(registered, tmp_path):
     registered(specs.MODES_UNDECLARED, specs.MODES_CLAIMED)
     undeclared = check("kd_modes_undeclared", "train_eval_modes", tmp_path=tmp_path / "a")

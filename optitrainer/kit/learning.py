@@ -4,6 +4,7 @@ first blowing up (a spike that comes back is not learning)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 #: tried in order when the spec declares no ``recommended_lr``; the first that learns passes
@@ -38,6 +39,27 @@ def _run(case, out, lr: float, steps: int) -> tuple[bool, float, float]:
 
 
 def check_learns(case, tmp_dir) -> str:
+    """It learns at ``recommended_lr`` (else somewhere in the sweep), and at both ends of a declared
+    ``learning_rate_range``."""
+    from ..registry import REGISTRY
+
+    spec = REGISTRY.resolve(case.optim, check_installed=False).spec
+    found = _check_learns_somewhere(case, tmp_dir)
+    if spec.learning_rate_range is None:
+        return found
+    for end in spec.learning_rate_range:
+        learned, first, last = _run(case, Path(tmp_dir) / f"end{end:g}", end, LONG_STEPS)
+        if not learned:
+            raise AssertionError(
+                f"{case.optim} declares learning_rate_range={spec.learning_rate_range} but does not learn at "
+                f"{end:g} ({first:.3f} -> {last:.3f} in {LONG_STEPS} steps): measure it again with "
+                f"`optitrainer check {spec.name} --measure-lr` and declare what it prints"
+            )
+    low, high = spec.learning_rate_range
+    return f"{found}; learns at both ends of learning_rate_range ({low:g}, {high:g}) in {LONG_STEPS} steps"
+
+
+def _check_learns_somewhere(case, tmp_dir) -> str:
     from ..errors import IncompatibleConfigError
     from ..registry import REGISTRY
 
@@ -83,3 +105,55 @@ def check_learns(case, tmp_dir) -> str:
         "update goes uphill (a sign error, maximize=True); a flat one, a learning rate far from the method's: "
         "declare OptimizerSpec(recommended_lr=...)"
     )
+
+
+#: the learning rates ``measure_learning_rate_range`` walks through: 1-2-5 steps per decade
+_GRID_PER_DECADE = (1.0, 2.0, 5.0)
+#: how far the walk goes each way from the start, in grid steps (four decades)
+_GRID_REACH = 12
+
+
+def _grid_from(start: float, direction: int) -> list[float]:
+    """The 1-2-5 grid rates beyond ``start`` going up (``+1``) or down (``-1``)."""
+    exponent = math.floor(math.log10(start))
+    grid = [m * 10.0**e for e in range(exponent - 5, exponent + 6) for m in _GRID_PER_DECADE]
+    grid = [float(f"{g:.3g}") for g in grid]
+    beyond = [g for g in grid if (g > start * 1.0001 if direction > 0 else g < start / 1.0001)]
+    return sorted(beyond, reverse=direction < 0)[:_GRID_REACH]
+
+
+@dataclass(frozen=True)
+class LearningRateRange:
+    """Where an optimizer learned in the kit's run (:data:`LONG_STEPS` steps, constant lr, tiny Llama)."""
+
+    low: float
+    high: float
+    #: the nearest rates of the grid that did not learn (``None``: the walk's reach ended first)
+    failed_below: float | None
+    failed_above: float | None
+    steps: int
+
+    def spec_line(self) -> str:
+        return f"learning_rate_range=({self.low:g}, {self.high:g})"
+
+
+def measure_learning_rate_range(case, tmp_dir, *, start: float, steps: int = LONG_STEPS) -> LearningRateRange:
+    """Walk the 1-2-5 grid down and up from ``start`` (a rate that learns) until the optimizer stops
+    learning, by the ``learns`` check's criterion over ``steps`` steps."""
+    learned, first, last = _run(case, Path(tmp_dir) / f"range{start:g}", start, steps)
+    if not learned:
+        raise AssertionError(
+            f"{case.optim} does not learn at the starting rate {start:g} ({first:.3f} -> {last:.3f} in "
+            f"{steps} steps): start from a rate that learns"
+        )
+    ends: dict[int, tuple[float, float | None]] = {}
+    for direction in (-1, 1):
+        good, bad = start, None
+        for lr in _grid_from(start, direction):
+            if _run(case, Path(tmp_dir) / f"range{lr:g}", lr, steps)[0]:
+                good = lr
+            else:
+                bad = lr
+                break
+        ends[direction] = (good, bad)
+    return LearningRateRange(ends[-1][0], ends[1][0], ends[-1][1], ends[1][1], steps)

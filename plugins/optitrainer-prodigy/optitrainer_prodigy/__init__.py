@@ -11,12 +11,15 @@ from typing import Any
 
 from optitrainer.plugin import BuildContext, Capabilities, OptimizerSpec, Option
 
-__all__ = ["PRODIGY", "MIN_LEARNING_RATE", "RECOMMENDED_LEARNING_RATE"]
+__all__ = ["PRODIGY", "LEARNING_RATE_RANGE", "MIN_LEARNING_RATE", "RECOMMENDED_LEARNING_RATE"]
 
 __version__ = "0.1.0"
 
 #: Prodigy's authors: "Leave LR set to 1 unless you encounter instability"
 RECOMMENDED_LEARNING_RATE = 1.0
+#: where it learned in the kit's run (`optitrainer check prodigy --measure-lr`: 48 steps of the tiny Llama,
+#: constant rate; not at 0.1 nor 100): optitrainer warns outside it
+LEARNING_RATE_RANGE = (0.2, 50.0)
 #: below this the method is a near no-op (README, "Why small learning rates are refused")
 MIN_LEARNING_RATE = 1e-2
 
@@ -46,6 +49,15 @@ def _validate_arguments(args: Any, options: dict[str, Any]) -> list[str]:
             "optim_args 'd_coef' (e.g. d_coef=0.5) instead"
         )
     return problems
+
+
+def _measured_range() -> dict[str, Any]:
+    """``learning_rate_range`` where optitrainer has it (plugin API 1.2); older releases warn at 100x."""
+    import dataclasses
+
+    if "learning_rate_range" in {f.name for f in dataclasses.fields(OptimizerSpec)}:
+        return {"learning_rate_range": LEARNING_RATE_RANGE}
+    return {}
 
 
 PRODIGY = OptimizerSpec(
@@ -115,6 +127,7 @@ PRODIGY = OptimizerSpec(
     ),
     validate_arguments=_validate_arguments,
     recommended_lr=RECOMMENDED_LEARNING_RATE,
+    **_measured_range(),
     log_values=_log_values,
     docs=(
         "Prodigy (Mishchenko & Defazio, 2023, arXiv:2306.06101) is Adam with a step size d it estimates "

@@ -14,6 +14,7 @@ from optitrainer.plugin import Capabilities, OptimizerSpec, Option
 
 from . import _factory
 from ._fixes import NOTES as FIX_NOTES
+from ._measured import LEARNING_RATE_RANGES
 from ._row import Row
 from ._table import EXCLUDED, ROWS, UPSTREAM_VERSION
 
@@ -80,6 +81,8 @@ def spec_from_row(row: Row, *, layerwise: bool | None = None) -> OptimizerSpec:
     if "recommended_lr" in {f.name for f in dataclasses.fields(OptimizerSpec)}:
         kw["recommended_lr"] = row.recommended_lr
         kw["validate_arguments"] = _factory.validate_arguments(row)
+    if "learning_rate_range" in {f.name for f in dataclasses.fields(OptimizerSpec)}:  # optitrainer's API 1.2
+        kw["learning_rate_range"] = LEARNING_RATE_RANGES.get(row.name)
     return OptimizerSpec(
         name=row.name,
         factory=partial(_factory.build, row),
