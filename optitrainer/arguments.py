@@ -18,6 +18,9 @@ from .registry import REGISTRY, ResolvedOptimizer
 
 logger = logging.getLogger("optitrainer")
 
+#: accepted values of ``layerwise_clipping`` (``"auto"`` picks one of the engine's schemes)
+LAYERWISE_CLIPPING = ("auto", "rebuild", "hold")
+
 #: the placeholder handed to transformers' own ``OptimizerNames`` check during ``__post_init__``
 _ENUM_PLACEHOLDER = "adamw_torch"
 
@@ -96,7 +99,23 @@ class OptiArgumentsMixin:
         },
     )
 
+    layerwise_clipping: str = field(
+        default="auto",
+        metadata={
+            "help": "How `<name>_layerwise` clips exactly (max_grad_norm > 0): 'rebuild' (a norm pass, then "
+            "weight gradients rebuilt from the recorded forward: no gradient outlives its norm), 'hold' (one "
+            "backward keeping every gradient until the norm is known: one gradient copy of memory, no "
+            "rebuild, and under DDP the gradients communicated once instead of twice), or 'auto' ('hold' "
+            "under FSDP, whose gradients are sharded; 'rebuild' otherwise).",
+            "choices": list(LAYERWISE_CLIPPING),
+        },
+    )
+
     def __post_init__(self) -> None:
+        if self.layerwise_clipping not in LAYERWISE_CLIPPING:
+            raise ValueError(
+                f"layerwise_clipping={self.layerwise_clipping!r}: use one of {', '.join(LAYERWISE_CLIPPING)}"
+            )
         if self.optim_target_modules == ["all-linear"]:  # `--optim_target_modules all-linear`
             self.optim_target_modules = "all-linear"
         missing = deepspeed_missing(getattr(self, "deepspeed", None))

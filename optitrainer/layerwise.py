@@ -19,7 +19,13 @@ gradients are rebuilt from the inputs and output gradients recorded in the norm 
 norm-pass gradient; other parameters get a second backward over the same graph (``inputs=`` them).
 The trainer's ``training_step`` (forward, loss, counters) runs once per micro-batch. With accumulation,
 every gradient is alive at the last micro-batch anyway: its hooks average and measure them, and the
-clipped updates follow that one backward (:meth:`LayerwiseOptimizer._backward_after_accumulation`).
+clipped updates follow that one backward (:meth:`LayerwiseOptimizer._backward_holding`).
+
+Two clipping schemes (``clipping``): ``"rebuild"``, above, keeps the engine's memory bound (no gradient
+outlives its norm); ``"hold"`` runs one backward whose hooks average, measure and keep every gradient,
+then updates them all: the memory of one gradient copy (what accumulation holds anyway, and under FSDP2
+only each rank's shard) for no rebuild, no second pass and, under DDP, one round of communication
+instead of two.
 
 fp16 loss scaling is refused: the per-parameter step would see scaled gradients.
 
@@ -52,6 +58,9 @@ from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
 from .data_parallel import BucketedAverager
 from .plugin import BuildContext, OptimizerSpec
 
+#: how exact clipping gets the global norm before the first update (see the module docstring)
+CLIPPING_SCHEMES = ("rebuild", "hold")
+
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
     """Facade over one optimizer per parameter. ``step``/``zero_grad`` are no-ops; hooks do the work."""
@@ -63,7 +72,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         average_gradient: Callable[[torch.Tensor], None] | None = None,
         model: nn.Module | None = None,
         averager: BucketedAverager | None = None,
+        clipping: str = "rebuild",
     ):
+        if clipping not in CLIPPING_SCHEMES:
+            raise ValueError(f"clipping={clipping!r}: use one of {CLIPPING_SCHEMES}")
         groups = []
         for name, param, inner in named_optimizers:
             lr = next(g["lr"] for g in inner.param_groups if any(q is param for q in g["params"]))
@@ -87,7 +99,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._handles: list[Any] = []
         self._sync = True
         self._measuring = False
-        self._holding = False  # clipping after accumulation: the hooks measure and keep the gradients
+        #: ``"rebuild"`` (norm pass, then rebuilt gradients: bounded memory) or ``"hold"`` (one backward,
+        #: every gradient kept until the norm is known); accumulation always holds
+        self.clipping = clipping
+        self._holding = False  # clipping on held gradients: the hooks measure and keep them
         self._sq_norms: dict[str, torch.Tensor] = {}
         self._clip_coef: torch.Tensor | None = None
         #: the model whose Linear/Embedding weight gradients exact clipping rebuilds (None: two passes)
@@ -105,7 +120,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             p = group["params"][0]
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
-        if self.model is not None and self.max_grad_norm > 0:
+        if self.model is not None and self.max_grad_norm > 0 and self.clipping == "rebuild":
             self._rebuilder = GradientRebuilder(self.model, [g["params"][0] for g in self.param_groups])
 
     def detach(self) -> None:
@@ -276,8 +291,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self.clips:
             self._run_backward(run_backward, loss, **kwargs)
             return
-        if any(g["params"][0].grad is not None for g in self.param_groups):
-            self._backward_after_accumulation(loss, run_backward, **kwargs)
+        if self.clipping == "hold" or any(g["params"][0].grad is not None for g in self.param_groups):
+            self._backward_holding(loss, run_backward, **kwargs)
             return
         if self._can_rebuild():
             self._backward_rebuilding(loss, run_backward, **kwargs)
@@ -293,20 +308,21 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         finally:
             self._clip_coef = None
 
-    def _backward_after_accumulation(
-        self, loss: torch.Tensor, run_backward: Callable[..., None], **kwargs: Any
-    ) -> None:
-        """The last micro-batch of an accumulation, clipped: one backward, then every update.
+    def _backward_holding(self, loss: torch.Tensor, run_backward: Callable[..., None], **kwargs: Any) -> None:
+        """Clipped with every gradient held: one backward, then every update.
 
-        Accumulation holds every gradient until this backward anyway, so its hooks only average and
-        measure them, and the updates follow with ``clip_grad_norm_``'s coefficient: no second pass, no
-        memory beyond what accumulation holds.
+        The hooks only average and measure the gradients, and the updates follow with
+        ``clip_grad_norm_``'s coefficient: no second pass. Used after accumulation (which holds every
+        gradient until this backward anyway) and for ``clipping="hold"``.
         """
         self._holding, self._sq_norms = True, {}
         try:
             self._run_backward(run_backward, loss, **kwargs)
         finally:
             self._holding = False
+        self._update_held()
+
+    def _update_held(self) -> None:
         try:
             self._set_clip_coef()
             for group in self.param_groups:
@@ -403,6 +419,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.begin_step(sync, record=False)
         if not self.clips:
             return run_forward_backward()
+        if self.clipping == "hold":
+            self._holding, self._sq_norms = True, {}
+            try:
+                loss = run_forward_backward()
+            finally:
+                self._holding = False
+            self._update_held()
+            return loss
         rng = _rng_state()
         self._measuring, self._sq_norms = True, {}
         try:
@@ -467,6 +491,7 @@ def build_layerwise(
     max_grad_norm: float,
     average_gradient: Callable[[torch.Tensor], None] | None = None,
     averager: BucketedAverager | None = None,
+    clipping: str = "rebuild",
 ) -> LayerwiseOptimizer:
     """One optimizer per trainable parameter, each built by the plugin's own factory.
 
@@ -487,6 +512,7 @@ def build_layerwise(
         average_gradient=average_gradient,
         model=ctx.model,
         averager=averager,
+        clipping=clipping,
     )
 
 

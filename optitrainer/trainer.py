@@ -127,6 +127,7 @@ class OptiTrainerMixin:
                 max_grad_norm=self.args.max_grad_norm,
                 average_gradient=self._average_gradient,
                 averager=self._bucketed_averager,
+                clipping=self._layerwise_clipping(),
             )
         else:
             optimizer = resolved.spec.factory(ctx)
@@ -146,6 +147,15 @@ class OptiTrainerMixin:
             for callback in resolved.spec.callbacks(optimizer):
                 self.add_callback(callback)
         return self.optimizer
+
+    def _layerwise_clipping(self) -> str:
+        """The layerwise engine's clipping scheme: the arguments' choice; ``auto`` holds FSDP's shards."""
+        chosen = getattr(self.args, "layerwise_clipping", "auto")
+        if chosen == "auto":
+            chosen = "hold" if self.opti_engine.kind == "fsdp" else "rebuild"
+        if self.args.max_grad_norm and self.args.max_grad_norm > 0:
+            logger.info("optitrainer: layerwise clipping scheme: %s", chosen)
+        return chosen
 
     @staticmethod
     def get_optimizer_cls_and_kwargs(args: Any, model: torch.nn.Module | None = None) -> tuple[Any, Any]:

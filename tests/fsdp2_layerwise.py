@@ -37,6 +37,8 @@ CASES: dict[str, dict[str, Any]] = {
     # 0.5 so that the clip is active at every step (the tiny model's gradient norm is about 1.1)
     "adamw_clip": {"optim": "adamw_torch", "max_grad_norm": 0.5},
     "sgd_momentum": {"optim": "sgd", "optim_args": "momentum=0.9", "max_grad_norm": 0.0},
+    # one forward/backward per step: the hooks keep their shard gradients until the norm is known
+    "adamw_clip_hold": {"optim": "adamw_torch", "max_grad_norm": 0.5, "clipping": "hold"},
     # the Trainer's way: no reduce-scatter on the first micro-batch (set_requires_gradient_sync(False))
     "accumulate": {"optim": "adamw_torch", "max_grad_norm": 0.0, "micro_batches": 2},
     # reduce-scatter on every micro-batch: the hooks see the first shard gradient and must keep it
@@ -52,7 +54,11 @@ CASES: dict[str, dict[str, Any]] = {
 }
 RESUMED = ("adamw", "adamw_clip", "sgd_momentum")
 #: the cases with the same settings train the same reference
-REFERENCE_OF = {"accumulate_reduce_each": "accumulate", "built_before_sharding": "adamw_clip"}
+REFERENCE_OF = {
+    "accumulate_reduce_each": "accumulate",
+    "built_before_sharding": "adamw_clip",
+    "adamw_clip_hold": "adamw_clip",
+}
 
 
 def lr_at(step: int) -> float:
@@ -76,7 +82,9 @@ def build_engine(model: torch.nn.Module, case: dict[str, Any]):
         name=resolved.spec.name,
         layerwise=True,
     )
-    return build_layerwise(resolved.spec, ctx, max_grad_norm=case["max_grad_norm"])
+    return build_layerwise(
+        resolved.spec, ctx, max_grad_norm=case["max_grad_norm"], clipping=case.get("clipping", "rebuild")
+    )
 
 
 def build_standard(model: torch.nn.Module, case: dict[str, Any]) -> torch.optim.Optimizer:

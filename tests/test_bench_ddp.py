@@ -34,17 +34,24 @@ def test_the_turnstile_runs_contenders_round_robin_and_skips_finished_ones():
 
 def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys):
     argv = ["--ddp", "2", "--model", "tiny", "--steps", "4", "--warmup-steps", "1", "--batch-size", "2"]
-    argv += ["--optim", "adamw_torch,sgd_layerwise,sgd_layerwise:1", "--out", str(tmp_path)]
+    argv += [
+        "--optim",
+        "adamw_torch,sgd_layerwise,sgd_layerwise:1,sgd_layerwise:1:hold",
+        "--out",
+        str(tmp_path),
+    ]
     assert bench_main(argv) == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "ddp.json").read_text())
     labels = [r["label"] for r in summary["rows"]]
-    assert labels == ["adamw_torch", "sgd_layerwise", "sgd_layerwise clip1"]
+    assert labels == ["adamw_torch", "sgd_layerwise", "sgd_layerwise clip1", "sgd_layerwise clip1 hold"]
+    assert [r["layerwise_clipping"] for r in summary["rows"]] == ["auto", "auto", "auto", "hold"]
     first = summary["rows"][0]
     assert first["ratio_1"] == first["ratio_2"] == 1.0
     assert all(r["ms_1"] > 0 and r["ms_2"] > 0 for r in summary["rows"])
     assert set(summary["communication_s"]) == {"per_tensor", "flat", "bucketed"}
     assert "sgd_layerwise clip1 / sgd_layerwise:" in out and "communication alone, 2 ranks" in out
+    assert "sgd_layerwise clip1 hold / sgd_layerwise:" in out
 
 
 def test_ddp_mode_refuses_a_typo_before_launching(capsys):

@@ -47,6 +47,11 @@ CASES = {
     # layerwise: each hook averages its gradient across ranks before the per-parameter step
     "adamw_torch_layerwise": ("adamw_torch_layerwise", {"max_grad_norm": 0.0}),
     "adamw_torch_layerwise_clip": ("adamw_torch_layerwise", {"max_grad_norm": 1.0}),
+    # the gradients averaged once and held until the norm is known (no rebuild, no second all-reduce)
+    "adamw_torch_layerwise_clip_hold": (
+        "adamw_torch_layerwise",
+        {"max_grad_norm": 1.0, "layerwise_clipping": "hold"},
+    ),
     "adamw_torch_clip": ("adamw_torch", {"max_grad_norm": 1.0}),
     "galore_adamw_layerwise": (
         "galore_adamw_layerwise",
@@ -140,7 +145,13 @@ def test_ddp_ranks_identical_and_equal_to_one_process(case, ddp_results, tmp_pat
             assert g == pytest.approx(g_ref, rel=1e-5)
 
 
-@pytest.mark.parametrize("layerwise,standard", [("adamw_torch_layerwise_clip", "adamw_torch_clip")])
+@pytest.mark.parametrize(
+    "layerwise,standard",
+    [
+        ("adamw_torch_layerwise_clip", "adamw_torch_clip"),
+        ("adamw_torch_layerwise_clip_hold", "adamw_torch_clip"),
+    ],
+)
 def test_ddp_layerwise_equals_standard_under_ddp(layerwise, standard, ddp_results):
     lw, _ = ddp_results(layerwise)
     std, _ = ddp_results(standard)

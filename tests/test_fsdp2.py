@@ -66,7 +66,7 @@ def test_ranks_identical_and_equal_to_one_process(case, runs):
         assert d_split <= 1e-6
 
 
-@pytest.mark.parametrize("case", ["adamw_clip", "built_before_sharding"])
+@pytest.mark.parametrize("case", ["adamw_clip", "built_before_sharding", "adamw_clip_hold"])
 def test_exact_clipping_logs_the_one_process_norm(case, runs):
     r0, r1 = runs[case]
     assert r0["grad_norms"] == r1["grad_norms"]  # one global norm, on every rank
@@ -131,3 +131,12 @@ def test_trainer_checkpoints_the_sharded_engine_through_dcp(tmp_path):
         return {n: p.detach() for n, p in trainer.model.named_parameters()}
 
     assert max_param_diff(params(resumed), params(straight)) == 0.0
+
+
+def test_holding_the_shards_clips_as_the_two_pass_scheme_does(runs):
+    """``clipping="hold"``: one forward/backward per step instead of two, the same weights."""
+    held, two_pass = runs["adamw_clip_hold"][0], runs["adamw_clip"][0]
+    assert held["grad_norms"] == two_pass["grad_norms"]
+    d = _max_diff(held["params"], two_pass["params"])
+    print(f"hold vs two passes under FSDP2: max|dparam| {d:.3g}")
+    assert d == 0.0

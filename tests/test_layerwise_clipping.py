@@ -215,3 +215,26 @@ def test_gpt2_conv1d_and_tied_head_are_rebuilt_bit_identically(bf16, tmp_path):
     std = run_training("adamw_torch", tmp_path / "std", model=tiny_gpt2(), **kw)
     assert lw.grad_norms == pytest.approx(std.grad_norms, rel=1e-6)
     assert_same_run(lw, std, atol=1e-6)
+
+
+def test_holding_the_gradients_clips_to_the_same_bits_without_rebuilding(tmp_path):
+    """``layerwise_clipping="hold"``: one backward keeps every gradient until the norm is known."""
+    model = tiny_llama()
+    q_fired = _count_weight_gradients(model, "model.layers.0.self_attn.q_proj.weight")
+    held = run_training(
+        "adamw_torch_layerwise", tmp_path / "hold", model=model, layerwise_clipping="hold", **KW
+    )
+    assert held.trainer._opti_optimizer.clipping == "hold" and held.trainer._opti_optimizer._rebuilder is None
+    assert len(q_fired) == KW["steps"]  # one backward per step
+    rebuilt = run_training("adamw_torch_layerwise", tmp_path / "rebuild", layerwise_clipping="rebuild", **KW)
+    assert rebuilt.trainer._opti_optimizer.clipping == "rebuild"
+    assert all(n > KW["max_grad_norm"] for n in held.grad_norms)  # clipping really happened
+    assert held.grad_norms == rebuilt.grad_norms
+    assert_same_run(held, rebuilt)  # atol 0: the same bits
+
+
+def test_an_unknown_clipping_scheme_is_refused_with_the_choices(tmp_path):
+    from optitrainer.testing import training_arguments
+
+    with pytest.raises(ValueError, match="layerwise_clipping='fast': use one of auto, rebuild, hold"):
+        training_arguments(tmp_path, optim="adamw_torch_layerwise", layerwise_clipping="fast")

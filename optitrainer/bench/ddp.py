@@ -9,7 +9,8 @@ gradient (what a hook that averages its own gradient pays), one flat all-reduce,
 overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
 
 Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``,
-DDP-wrapped), under DDP and on one process; and the clipped / unclipped ratio of the layerwise engine.
+DDP-wrapped), under DDP and on one process; and the clipped / unclipped ratio of the layerwise engine,
+for both clipping schemes (``layerwise_clipping``: ``rebuild``, ``hold``).
 
     optitrainer bench --ddp 2 --model 8x512
 """
@@ -27,12 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-#: label, optim, max_grad_norm: the first is the baseline every ratio divides by
+#: label, optim, max_grad_norm, layerwise_clipping: the first is the baseline every ratio divides by
 DEFAULT_CONTENDERS = (
-    ("adamw_torch", "adamw_torch", 0.0),
-    ("adamw_torch_layerwise", "adamw_torch_layerwise", 0.0),
-    ("lomo", "lomo", 0.0),
-    ("adamw_torch_layerwise clip1", "adamw_torch_layerwise", 1.0),
+    ("adamw_torch", "adamw_torch", 0.0, "auto"),
+    ("adamw_torch_layerwise", "adamw_torch_layerwise", 0.0, "auto"),
+    ("lomo", "lomo", 0.0, "auto"),
+    ("adamw_torch_layerwise clip1", "adamw_torch_layerwise", 1.0, "rebuild"),
+    ("adamw_torch_layerwise clip1 hold", "adamw_torch_layerwise", 1.0, "hold"),
 )
 #: seconds a contender waits for its turn before the launch is declared hung
 TURN_TIMEOUT_S = 600.0
@@ -119,7 +121,7 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
     contenders = cfg["contenders"]
     turnstile = Turnstile(len(contenders))
     callbacks, threads = [], []
-    for i, (label, optim, clip) in enumerate(contenders):
+    for i, (label, optim, clip, clipping) in enumerate(contenders):
         resolved = REGISTRY.resolve(optim)
         model = models.build_model(cfg["model"], seed=cfg["seed"])
         args = OptiTrainingArguments(
@@ -128,6 +130,7 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
             per_device_train_batch_size=cfg["batch_size"],
             learning_rate=1e-3,
             max_grad_norm=clip,
+            layerwise_clipping=clipping,
             optim=optim,
             optim_target_modules="all-linear" if resolved.spec.capabilities.needs_target_modules else None,
             logging_steps=10**6,
@@ -256,25 +259,31 @@ def _launch(cfg: dict[str, Any], nproc: int, workdir: Path, timeout: float) -> d
     return json.loads(Path(cfg["result"]).read_text())
 
 
-def _parse_contenders(text: str | None) -> list[tuple[str, str, float]]:
-    """``name[:clip],...``: e.g. ``adamw_torch,adamw_torch_layerwise,adamw_torch_layerwise:1``."""
+def _parse_contenders(text: str | None) -> list[tuple[str, str, float, str]]:
+    """``name[:clip[:scheme]],...``: e.g. ``adamw_torch,adamw_torch_layerwise:1,adamw_torch_layerwise:1:hold``
+    (``scheme``: ``layerwise_clipping``, ``auto`` by default)."""
     if not text:
         return list(DEFAULT_CONTENDERS)
     out = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, _, clip = item.partition(":")
+        name, _, rest = item.partition(":")
+        clip, _, scheme = rest.partition(":")
         value = float(clip) if clip else 0.0
-        out.append((f"{name} clip{value:g}" if value else name, name, value))
+        label = f"{name} clip{value:g}" if value else name
+        out.append((f"{label} {scheme}" if scheme else label, name, value, scheme or "auto"))
     return out
 
 
 def measure(ns: argparse.Namespace) -> dict[str, Any]:
     """Both launches (``ns.ddp`` ranks, then one process); medians and ratios."""
+    from ..arguments import LAYERWISE_CLIPPING
     from ..registry import REGISTRY
 
     contenders = _parse_contenders(ns.optim)
-    for _, optim, _ in contenders:
+    for _, optim, _, scheme in contenders:
         REGISTRY.resolve(optim)  # a typo fails before anything launches
+        if scheme not in LAYERWISE_CLIPPING:
+            raise ValueError(f"clipping scheme {scheme!r}: use one of {', '.join(LAYERWISE_CLIPPING)}")
     cfg = {
         "contenders": contenders,
         "model": ns.model,
@@ -288,8 +297,8 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         launches = {n: _launch(cfg, n, Path(tmp), ns.timeout or 1800) for n in (ns.ddp, 1)}
     rows = []
-    for i, (label, optim, clip) in enumerate(contenders):
-        row = {"label": label, "optim": optim, "max_grad_norm": clip}
+    for i, (label, optim, clip, scheme) in enumerate(contenders):
+        row = {"label": label, "optim": optim, "max_grad_norm": clip, "layerwise_clipping": scheme}
         for n, result in launches.items():
             times = result["step_times_s"][i][ns.warmup_steps :]
             base = result["step_times_s"][0][ns.warmup_steps :]
