@@ -62,7 +62,8 @@ def _split_pairs(text: str) -> list[str]:
 def _convert(opt: Option, value: Any, optimizer: str) -> Any:
     def fail(expected: str) -> InvalidOptimArgsError:
         return InvalidOptimArgsError(
-            f"optim_args for {optimizer!r}: {opt.name}={value!r} is not valid; expected {expected}"
+            f"optim_args for {optimizer!r}: {opt.name}={value!r} is not valid; expected "
+            + _as_0_1_0_said_it(opt, expected)
             + (f" ({opt.help})" if opt.help else "")
             + f". Example: optim_args='{opt.name}={_example(opt)}'"
         )
@@ -122,6 +123,20 @@ def _convert(opt: Option, value: Any, optimizer: str) -> Any:
         if isinstance(x, (int, float)) and not isinstance(x, bool) and not _in_bounds(opt, x):
             raise fail(opt.describe_type())
     return out
+
+
+def _as_0_1_0_said_it(opt: Option, expected: str) -> str:
+    """What was expected, beginning as optitrainer 0.1.0 (plugin API 1.0) wrote it.
+
+    0.1.0 wrote a float option's type ``finite float in [0, 1]``; the first commits wrote ``float in [0, 1]``,
+    as :meth:`Option.describe_type` does again (``float in [0, 1], finite``). Plugin tests match substrings of
+    either (``expected finite float``, ``expected float``), so a float option's error carries 0.1.0's wording
+    first, exactly as 0.1.0 printed it, then today's.
+    """
+    suffix = ", finite"
+    if opt.type is not float or opt.choices or not expected.endswith(suffix):
+        return expected
+    return f"finite {expected[: -len(suffix)]}; expected {expected}"
 
 
 def _unquote(text: str) -> str:

@@ -133,8 +133,8 @@ class Option:
         return len(self.default) if isinstance(self.default, (tuple, list)) else None
 
     def describe_type(self) -> str:
-        # "float ..., finite": messages begin as in optitrainer 0.1.0 ("expected float in [0, inf"), so
-        # plugin tests written then that match them keep passing
+        # "float ..., finite", as the first commits began it ("float in [0, inf"); an option's error puts
+        # 0.1.0's "finite float in [0, inf)" before it (options._as_0_1_0_said_it): plugin tests match both
         text = self.type.__name__
         if self.type is tuple:
             n = self.tuple_length

@@ -118,8 +118,10 @@ def test_unknown_key_lists_accepted_keys_with_defaults():
         ("rank=2.5", "expected int"),
         ("rank=0", "expected int in [1, inf)"),
         ("scale=-1", "expected float in [0, inf), finite"),
-        ("scale=-1", "expected float in [0, inf"),  # how optitrainer 0.1.0 began it: plugin tests match it
-        ("scale=nan", "scale='nan' is not valid; expected float in [0, inf), finite"),
+        ("scale=-1", "expected float in [0, inf"),  # how optitrainer's first commits began it
+        ("scale=-1", "scale='-1' is not valid; expected finite float in [0, inf)"),  # as 0.1.0 wrote it
+        ("max_lr=nan", "max_lr='nan' is not valid; expected finite float | None"),  # as 0.1.0 wrote it
+        ("scale=nan", "scale='nan' is not valid; expected finite float in [0, inf)"),
         ("scale=inf", "expected float in [0, inf), finite"),
         ("max_lr=nan", "expected float | None, finite"),
         ("betas=(0.9,0.99,0.999)", "expected tuple of 2 float"),
@@ -303,7 +305,11 @@ def edge_spec():
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ("d_coef=nan", "d_coef='nan' is not valid; expected float in (0, inf), finite"),
+        ("d_coef=nan", "d_coef='nan' is not valid; expected finite float in (0, inf)"),
+        (
+            "beta=1",
+            "beta='1' is not valid; expected finite float in [0, 1); expected float in [0, 1), finite",
+        ),
         ("d_coef=0", "expected float in (0, inf), finite"),
         ("beta=1", "expected float in [0, 1), finite"),
         ("betas=(0.9,0.99)", "expected tuple of 3 float"),
