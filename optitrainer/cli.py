@@ -101,6 +101,7 @@ def _row_json(r) -> dict:
     out.update(
         modes=list(getattr(r, "modes", ("standard", "layerwise") if caps.layerwise else ("standard",))),
         recommended_lr=spec.recommended_lr,
+        learning_rate_range=list(spec.learning_rate_range) if spec.learning_rate_range else None,
         capabilities={
             "layerwise": caps.layerwise,
             "owns_backward": caps.owns_backward,
@@ -230,6 +231,13 @@ def _info(console: Console, name: str) -> int:
         if lr
         else "recommended learning rate: none declared (the conformance kit tries 1e-3, 1e-2, 1e-1)"
     )
+    measured = getattr(spec, "learning_rate_range", None)
+    if measured:
+        console.print(
+            f"learns at learning rates {measured[0]:g} to {measured[1]:g} (measured: optitrainer check "
+            f"{spec.name} --measure-lr); the trainer warns outside",
+            highlight=False,
+        )
     flags = spec.capabilities.flags()
     if flags:
         console.print("capabilities: " + ", ".join(flags))

@@ -243,6 +243,9 @@ def test_list_format_json_gives_every_name_with_its_facts(cli):
     ]
     assert rows["schedule_free_radam"]["aliases"] == ["schedule_free_radamw"]
     assert adamw["capabilities"]["changes_trainable"] is False
+    assert adamw["learning_rate_range"] is None
+    if "prodigy" in rows:
+        assert rows["prodigy"]["learning_rate_range"] == [0.2, 50.0]
     if "badam" in rows:  # the plugin whose blocks change which parameters train: DDP through the trainer
         assert rows["badam"]["capabilities"]["changes_trainable"] is True
         assert rows["badam"]["capabilities"]["engines"] == ["ddp"]
@@ -299,9 +302,18 @@ def test_info_shows_the_recommended_learning_rate(cli):
     from optitrainer import register
     from optitrainer.registry import REGISTRY
 
-    register(dataclasses.replace(specs.SGD_MOMENTUM, name="kd_info_lr", recommended_lr=1.0), replace=True)
+    register(
+        dataclasses.replace(
+            specs.SGD_MOMENTUM, name="kd_info_lr", recommended_lr=1.0, learning_rate_range=(0.5, 2.0)
+        ),
+        replace=True,
+    )
     try:
-        assert "recommended learning rate: 1" in cli("info", "kd_info_lr").stdout
+        info = cli("info", "kd_info_lr").stdout
+        assert "recommended learning rate: 1" in info
+        assert (
+            "learns at learning rates 0.5 to 2 (measured: optitrainer check kd_info_lr --measure-lr)" in info
+        )
         assert "recommended learning rate: none declared" in cli("info", "sgd").stdout
         row = next(line for line in cli("list").stdout.splitlines() if line.startswith("│ kd_info_lr "))
         assert "│ 1 " in row
