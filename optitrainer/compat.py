@@ -117,11 +117,14 @@ def argument_conflicts(
     if refusal is not None:
         out.append(refusal)
     engine_kind = (engine_from_arguments(args) if engine is None else engine).kind
-    if resolved.layerwise and clip > 0 and ga > 1 and engine_kind == "fsdp":
-        # FSDP2 runs a clipped step's forward/backward twice (its hooks expect one backward per forward)
+    scheme = getattr(args, "layerwise_clipping", "auto")
+    if resolved.layerwise and clip > 0 and ga > 1 and engine_kind == "fsdp" and scheme == "rebuild":
+        # the two-pass scheme runs a clipped step's forward/backward twice under FSDP2 (its hooks expect
+        # one backward per forward); holding the shard gradients needs one
         out.append(
-            f"max_grad_norm={clip} with gradient_accumulation_steps={ga} under FSDP: layerwise clipping there "
-            "runs the last micro-batch twice; set max_grad_norm=0 or gradient_accumulation_steps=1"
+            f"max_grad_norm={clip} with gradient_accumulation_steps={ga} under FSDP: layerwise_clipping="
+            "'rebuild' runs the last micro-batch twice there; use layerwise_clipping='hold' (the default "
+            "under FSDP), max_grad_norm=0 or gradient_accumulation_steps=1"
         )
     validate_arguments = resolved.spec.validate_arguments
     if validate_arguments is not None and not resolved.is_transformers_fallback:

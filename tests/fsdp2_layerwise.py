@@ -39,6 +39,13 @@ CASES: dict[str, dict[str, Any]] = {
     "sgd_momentum": {"optim": "sgd", "optim_args": "momentum=0.9", "max_grad_norm": 0.0},
     # one forward/backward per step: the hooks keep their shard gradients until the norm is known
     "adamw_clip_hold": {"optim": "adamw_torch", "max_grad_norm": 0.5, "clipping": "hold"},
+    # and with accumulation: the last micro-batch's hooks measure and keep the accumulated shards
+    "accumulate_clip_hold": {
+        "optim": "adamw_torch",
+        "max_grad_norm": 0.5,
+        "micro_batches": 2,
+        "clipping": "hold",
+    },
     # the Trainer's way: no reduce-scatter on the first micro-batch (set_requires_gradient_sync(False))
     "accumulate": {"optim": "adamw_torch", "max_grad_norm": 0.0, "micro_batches": 2},
     # reduce-scatter on every micro-batch: the hooks see the first shard gradient and must keep it

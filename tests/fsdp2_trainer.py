@@ -41,6 +41,12 @@ CASES: dict[str, dict[str, Any]] = {
     "adamw": {"optim": "adamw_torch", "max_grad_norm": 1.0},
     "layerwise": {"optim": "adamw_torch_layerwise", "max_grad_norm": 0.0},
     "layerwise_clip": {"optim": "adamw_torch_layerwise", "max_grad_norm": 1.0},
+    # accumulation with clipping: accelerate's no_sync on the first micro-batch, one backward on the last
+    "layerwise_clip_accumulate": {
+        "optim": "adamw_torch_layerwise",
+        "max_grad_norm": 1.0,
+        "gradient_accumulation_steps": 2,
+    },
 }
 
 

@@ -204,17 +204,22 @@ def test_layerwise_clipping_with_accumulation_is_accepted_at_transformers_defaul
     # transformers' default max_grad_norm=1.0: accumulation in layerwise mode no longer means no clipping
     assert args(optim="adamw_torch_layerwise", gradient_accumulation_steps=2).max_grad_norm == 1.0
     assert args(optim="adamw_torch_layerwise", max_grad_norm=0.0, gradient_accumulation_steps=2)
-    # under FSDP2 a clipped layerwise step runs its forward/backward twice: still refused with accumulation
+    # under FSDP2 the 'rebuild' scheme runs a clipped step's forward/backward twice: refused with
+    # accumulation; 'hold' (the default there) runs it once (tests/test_fsdp2*.py train it)
     from types import SimpleNamespace
 
     from optitrainer.compat import argument_conflicts
     from optitrainer.engine import Engine
 
-    setup = SimpleNamespace(gradient_accumulation_steps=2, max_grad_norm=1.0, optim_args=None)
-    conflicts = argument_conflicts(REGISTRY.resolve("adamw_torch_layerwise"), setup, Engine.for_mode("fsdp2"))
-    assert any(
-        "under FSDP" in c and "set max_grad_norm=0 or gradient_accumulation_steps=1" in c for c in conflicts
-    )
+    resolved, fsdp2 = REGISTRY.resolve("adamw_torch_layerwise"), Engine.for_mode("fsdp2")
+    for scheme, refused in (("rebuild", True), ("hold", False), ("auto", False)):
+        setup = SimpleNamespace(
+            gradient_accumulation_steps=2, max_grad_norm=1.0, optim_args=None, layerwise_clipping=scheme
+        )
+        conflicts = [c for c in argument_conflicts(resolved, setup, fsdp2) if "under FSDP" in c]
+        assert bool(conflicts) == refused, (scheme, conflicts)
+        if refused:
+            assert "use layerwise_clipping='hold' (the default under FSDP), max_grad_norm=0" in conflicts[0]
 
 
 def test_command_line_through_hf_argument_parser():

@@ -28,6 +28,9 @@ ATOL = {"adamw_torch": 1e-4, "sgd": 1e-6}
 #: sums the shards' squared norms in another order; accumulation with the reduce-scatter deferred to the
 #: last micro-batch adds the local gradients before averaging.
 BIT_EXACT_VS_SPLIT = {"adamw", "sgd_momentum", "accumulate_reduce_each"}
+#: against the rank-split batch, float noise only (1e-6) but where Adam meets accumulation and clipping
+#: together: both reorder the sums and the clip coefficient scales every difference (measured 1.3e-6)
+SPLIT_ATOL = {"accumulate_clip_hold": 1e-5}
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -63,7 +66,7 @@ def test_ranks_identical_and_equal_to_one_process(case, runs):
     if case in BIT_EXACT_VS_SPLIT:
         assert d_split == 0.0
     else:
-        assert d_split <= 1e-6
+        assert d_split <= SPLIT_ATOL.get(case, 1e-6)
 
 
 @pytest.mark.parametrize("case", ["adamw_clip", "built_before_sharding", "adamw_clip_hold"])
