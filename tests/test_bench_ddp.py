@@ -52,6 +52,12 @@ def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys
     assert set(summary["communication_s"]) == {"per_tensor", "flat", "bucketed"}
     assert "sgd_layerwise clip1 / sgd_layerwise:" in out and "communication alone, 2 ranks" in out
     assert "sgd_layerwise clip1 hold / sgd_layerwise:" in out
+    # the layerwise forms average in buckets (memory bounded by the buckets); DDP's wrapper averages adamw's
+    assert first["averaging"] is None
+    for row in summary["rows"][1:]:
+        a = row["averaging"]
+        assert a["buffer_mib"] > 0 and a["collectives_per_step"] >= 1 and a["wait_ms_per_step"] >= 0
+    assert "sgd_layerwise: bucketed averaging under DDP holds" in out
 
 
 def test_ddp_mode_refuses_a_typo_before_launching(capsys):

@@ -9,8 +9,9 @@ gradient (what a hook that averages its own gradient pays), one flat all-reduce,
 overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
 
 Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``,
-DDP-wrapped), under DDP and on one process; and the clipped / unclipped ratio of the layerwise engine,
-for both clipping schemes (``layerwise_clipping``: ``rebuild``, ``hold``).
+DDP-wrapped), under DDP and on one process; the clipped / unclipped ratio of the layerwise engine, for
+both clipping schemes (``layerwise_clipping``: ``rebuild``, ``hold``); and for the contenders that average
+in their hooks, the bucket memory held, the all-reduces sent and the time waited for averages per step.
 
     optitrainer bench --ddp 2 --model 8x512
 """
@@ -110,7 +111,19 @@ def _turn_callback(turnstile: Turnstile, index: int, ready: threading.Event):
     return TakeTurns()
 
 
-def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
+def _averaging_stats(trainer: Any, steps: int) -> dict[str, float] | None:
+    """What the trainer's bucketed averaging held and waited for (``None`` where DDP's reducer averages)."""
+    averager = trainer.__dict__.get("_bucketed_averager")  # the cached property, once training built it
+    if averager is None:
+        return None
+    return {
+        "buffer_mib": averager.buffer_bytes / 2**20,
+        "collectives_per_step": averager.collectives / steps,
+        "wait_ms_per_step": averager.wait_s * 1e3 / steps,
+    }
+
+
+def _train_all(cfg: dict[str, Any], workdir: str) -> tuple[list[list[float]], list[dict[str, float] | None]]:
     from transformers.trainer_callback import PrinterCallback
 
     from .. import OptiTrainer, OptiTrainingArguments
@@ -120,7 +133,7 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
 
     contenders = cfg["contenders"]
     turnstile = Turnstile(len(contenders))
-    callbacks, threads = [], []
+    callbacks, threads, trainers = [], [], []
     for i, (label, optim, clip, clipping) in enumerate(contenders):
         resolved = REGISTRY.resolve(optim)
         model = models.build_model(cfg["model"], seed=cfg["seed"])
@@ -168,13 +181,14 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> list[list[float]]:
             break
         callbacks.append(callback)
         threads.append(thread)
+        trainers.append(trainer)
     if turnstile.failed is None:
         turnstile.start()
     for thread in threads:
         thread.join()
     if turnstile.failed is not None:
         raise turnstile.failed
-    return [c.times for c in callbacks]
+    return [c.times for c in callbacks], [_averaging_stats(t, cfg["steps"]) for t in trainers]
 
 
 def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: int = 5) -> dict[str, float]:
@@ -229,8 +243,8 @@ def worker(config_path: str) -> None:
 
     release_gloo_workers_at_exit()
     with tempfile.TemporaryDirectory() as workdir:
-        times = _train_all(cfg, workdir)
-    result: dict[str, Any] = {"step_times_s": times}
+        times, averaging = _train_all(cfg, workdir)
+    result: dict[str, Any] = {"step_times_s": times, "averaging": averaging}
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -304,6 +318,7 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
             base = result["step_times_s"][0][ns.warmup_steps :]
             row[f"ms_{n}"] = statistics.median(times) * 1e3
             row[f"ratio_{n}"] = statistics.median(times) / statistics.median(base)
+        row["averaging"] = launches[ns.ddp]["averaging"][i]
         rows.append(row)
     return {"rows": rows, "communication_s": launches[ns.ddp].get("communication_s"), "ranks": ns.ddp}
 
@@ -322,6 +337,14 @@ def print_report(summary: dict[str, Any]) -> None:
             print(
                 f"{r['label']} / {plain['label']}: {r['ms_1'] / plain['ms_1']:.3f} on one process, "
                 f"{r[f'ms_{n}'] / plain[f'ms_{n}']:.3f} under DDP"
+            )
+    for r in summary["rows"]:
+        a = r.get("averaging")
+        if a:
+            print(
+                f"{r['label']}: bucketed averaging under DDP holds {a['buffer_mib']:.1f} MiB of buckets, sends "
+                f"{a['collectives_per_step']:.1f} all-reduces a step and waits {a['wait_ms_per_step']:.1f} ms "
+                "a step for averages (communication not overlapped)"
             )
     comm = summary.get("communication_s")
     if comm:
