@@ -20,6 +20,7 @@ def test_the_vendored_files_are_unchanged():
 
     expected = {
         "test_trainer_callback.py": "92b65e8cfceb25fdb9d2c9f933b261f3e28cb56aef1aece293ddca7740f2ec67",
+        "test_trainer_optimizers.py": "48f09c15ff79666ed6a80d6df4c6a22ed615d0f4bf19e2d386bdf893cef9ba77",
         "trainer_test_utils.py": "5527b12c6bb02c9aa120dfa44227a9ae19984856fcb11a34dfb24b369e54e99b",
     }
     actual = {name: hashlib.sha256((_upstream.HERE / name).read_bytes()).hexdigest() for name in expected}
