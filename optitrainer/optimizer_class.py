@@ -91,7 +91,9 @@ def optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple
     _warn_about_callbacks(choice, built)
     cls = type(built)
     kwargs = _constructor_kwargs(cls, built.defaults)
-    problem = _rebuild_problem(built, cls, _trainer_groups(args, target), kwargs)
+    # the two groups transformers' Trainer.create_optimizer hands the class (BuildContext builds the same)
+    trainer_groups = _context(choice, args, target).param_groups()
+    problem = _rebuild_problem(built, cls, trainer_groups, kwargs)
     if problem is None:
         return cls, kwargs
     if model is not None:  # the plugin groups the parameters itself: hand its groups over
@@ -116,16 +118,6 @@ def _context(choice: OptimizerChoice, args: Any, model: nn.Module) -> BuildConte
     return BuildContext(
         model=model, args=args, options=dict(choice.options or {}), name=choice.resolved.spec.name
     )
-
-
-def _trainer_groups(args: Any, model: nn.Module) -> list[dict[str, Any]]:
-    """The two groups ``transformers.Trainer.create_optimizer`` hands the class."""
-    decay = BuildContext(model=model, args=args, options={}, name="").decay_parameter_names()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [
-        {"params": [p for n, p in named if n in decay], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
-    ]
 
 
 def _groups_without_defaults(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:

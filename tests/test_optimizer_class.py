@@ -9,6 +9,7 @@ builds: the same weights, bit for bit, after three steps.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 
 import pytest
@@ -17,14 +18,12 @@ from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
 
 from optitrainer import IncompatibleConfigError, OptiTrainer, list_optimizers
-from optitrainer.arguments import choose_optimizer
 from optitrainer.optimizer_class import PluginOptimizerFactory
 from optitrainer.registry import REGISTRY
 from optitrainer.testing import (
-    GUIDE_TARGET_MODULES,
     SyntheticLMDataset,
-    _validation_lr,
     assert_same_run,
+    conformance_cases,
     run_training,
     tiny_llama,
     training_arguments,
@@ -37,17 +36,22 @@ NAMES = sorted(
 )
 
 
+@functools.cache
+def _kit_cases() -> dict:
+    return {c.optim: c for c in conformance_cases()}
+
+
+def _case_args(name: str) -> dict:
+    """What the conformance kit trains ``name`` with (target modules, a learning rate it accepts)."""
+    case = _kit_cases()[name]
+    if case.skip or case.error:
+        pytest.skip(f"{name}: {case.skip or case.error}")
+    return case.args
+
+
 def _arguments(tmp_path, name: str, **overrides):
-    resolved = REGISTRY.resolve(name)
-    extra = (
-        {"optim_target_modules": GUIDE_TARGET_MODULES}
-        if resolved.spec.capabilities.needs_target_modules
-        else {}
-    )
     try:
-        return training_arguments(
-            tmp_path, optim=name, learning_rate=_validation_lr(resolved), **extra, **overrides
-        )
+        return training_arguments(tmp_path, optim=name, **{**_case_args(name), **overrides})
     except IncompatibleConfigError as exc:
         pytest.skip(f"{name} refuses the kit's default arguments: {exc}")
 
@@ -133,27 +137,19 @@ def test_what_only_optitrainer_runs_is_refused_with_the_reason(name, why, tmp_pa
 @pytest.mark.parametrize("name", ["adagrad", "galore_adamw", "muon"])
 def test_a_plain_trainer_given_the_answer_trains_as_optitrainer_does(name, tmp_path):
     """The whole loop: ``transformers.Trainer(optimizer_cls_and_kwargs=answer)`` against OptiTrainer."""
-    resolved = REGISTRY.resolve(name, check_installed=False)
     try:
-        choose_optimizer(_arguments(tmp_path, name))
-    except Exception as exc:  # noqa: BLE001 -- not installed here, or torch too old (muon)
+        args = _arguments(tmp_path, name)
+    except Exception as exc:  # noqa: BLE001 -- torch too old (muon: refused when the arguments are built)
         pytest.skip(str(exc).splitlines()[0])
-    extra = (
-        {"optim_target_modules": GUIDE_TARGET_MODULES}
-        if resolved.spec.capabilities.needs_target_modules
-        else {}
-    )
-    lr = _validation_lr(resolved)
-    ours = run_training(name, tmp_path / "ours", steps=6, learning_rate=lr, **extra)
+    kit = _case_args(name)
+    ours = run_training(name, tmp_path / "ours", steps=6, **kit)
     model = tiny_llama()
-    answer = OptiTrainer.get_optimizer_cls_and_kwargs(_arguments(tmp_path, name), model)
+    answer = OptiTrainer.get_optimizer_cls_and_kwargs(args, model)
 
     def plain_trainer(**kw):
         return Trainer(optimizer_cls_and_kwargs=answer, **kw)
 
-    theirs = run_training(
-        name, tmp_path / "theirs", steps=6, learning_rate=lr, trainer_cls=plain_trainer, model=model, **extra
-    )
+    theirs = run_training(name, tmp_path / "theirs", steps=6, trainer_cls=plain_trainer, model=model, **kit)
     assert_same_run(theirs, ours)
     assert not isinstance(theirs.trainer, OptiTrainer)
 
