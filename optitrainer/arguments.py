@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .compat import check_arguments, learning_rate_warning
+from .compat import CLIPPING_SCHEMES, check_arguments, learning_rate_warning
 from .engine import deepspeed_launch_problem, deepspeed_missing
 from .errors import EngineNotInstalledError, LaunchError
 from .options import parse_optim_args
@@ -19,7 +19,7 @@ from .registry import REGISTRY, ResolvedOptimizer
 logger = logging.getLogger("optitrainer")
 
 #: accepted values of ``layerwise_clipping`` (``"auto"`` picks one of the engine's schemes)
-LAYERWISE_CLIPPING = ("auto", "rebuild", "hold")
+LAYERWISE_CLIPPING = ("auto", *CLIPPING_SCHEMES)
 
 #: the placeholder handed to transformers' own ``OptimizerNames`` check during ``__post_init__``
 _ENUM_PLACEHOLDER = "adamw_torch"

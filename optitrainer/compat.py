@@ -73,6 +73,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+#: how exact clipping gets the global norm before the first update (see :mod:`optitrainer.layerwise`)
+CLIPPING_SCHEMES = ("rebuild", "hold")
+
+
+def clipping_scheme(requested: str, engine_kind: str) -> str:
+    """The scheme ``layerwise_clipping=requested`` runs under ``engine_kind`` (``Engine.kind``).
+
+    ``auto`` holds under FSDP, whose held gradients are each rank's shard and whose other scheme runs the
+    whole forward/backward twice; elsewhere it rebuilds, which keeps the memory bound.
+    """
+    if requested == "auto":
+        return "hold" if engine_kind == "fsdp" else "rebuild"
+    return requested
+
+
 def argument_conflicts(
     resolved: ResolvedOptimizer,
     args: Any,
@@ -113,12 +128,12 @@ def argument_conflicts(
         out.append(
             f"{name} needs a CUDA device (its upstream step calls CUDA-only functions); none is available"
         )
-    refusal = engine_conflict(resolved, engine_from_arguments(args) if engine is None else engine)
+    engine = engine_from_arguments(args) if engine is None else engine
+    refusal = engine_conflict(resolved, engine)
     if refusal is not None:
         out.append(refusal)
-    engine_kind = (engine_from_arguments(args) if engine is None else engine).kind
-    scheme = getattr(args, "layerwise_clipping", "auto")
-    if resolved.layerwise and clip > 0 and ga > 1 and engine_kind == "fsdp" and scheme == "rebuild":
+    scheme = clipping_scheme(getattr(args, "layerwise_clipping", "auto"), engine.kind)
+    if resolved.layerwise and clip > 0 and ga > 1 and engine.kind == "fsdp" and scheme == "rebuild":
         # the two-pass scheme runs a clipped step's forward/backward twice under FSDP2 (its hooks expect
         # one backward per forward); holding the shard gradients needs one
         out.append(

@@ -55,11 +55,9 @@ import torch
 from torch import nn
 
 from .clipping import GradientRebuilder, activation_checkpointing, check_rebuilt
+from .compat import CLIPPING_SCHEMES
 from .data_parallel import BucketedAverager
 from .plugin import BuildContext, OptimizerSpec
-
-#: how exact clipping gets the global norm before the first update (see the module docstring)
-CLIPPING_SCHEMES = ("rebuild", "hold")
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):

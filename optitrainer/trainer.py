@@ -19,7 +19,7 @@ from transformers import Trainer
 
 from .arguments import OptimizerChoice, choose_optimizer
 from .clean_exit import release_gloo_workers_at_exit
-from .compat import check_arguments, raise_conflicts
+from .compat import check_arguments, clipping_scheme, raise_conflicts
 from .data_parallel import (
     BucketedAverager,
     average_gradients,
@@ -150,9 +150,7 @@ class OptiTrainerMixin:
 
     def _layerwise_clipping(self) -> str:
         """The layerwise engine's clipping scheme: the arguments' choice; ``auto`` holds FSDP's shards."""
-        chosen = getattr(self.args, "layerwise_clipping", "auto")
-        if chosen == "auto":
-            chosen = "hold" if self.opti_engine.kind == "fsdp" else "rebuild"
+        chosen = clipping_scheme(getattr(self.args, "layerwise_clipping", "auto"), self.opti_engine.kind)
         if self.args.max_grad_norm and self.args.max_grad_norm > 0:
             logger.info("optitrainer: layerwise clipping scheme: %s", chosen)
         return chosen
