@@ -16,14 +16,27 @@ def run_torchrun(
 ) -> tuple[int | None, str]:
     """``torchrun --standalone --nproc_per_node nproc *script_args`` on this machine's loopback.
 
-    Returns the exit code (``None`` when it was killed at ``timeout``) and the output of every rank. The
-    launch runs in its own process group, so nothing it started is left behind.
+    Returns the exit code (``None`` when it was killed at ``timeout``) and the output of every rank.
     """
     exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     cmd = [exe, "--standalone", "--nproc_per_node", str(nproc), *map(str, script_args)]
-    full_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", **(env or {})}
+    return run_bounded(cmd, timeout, {"MASTER_ADDR": "127.0.0.1", **(env or {})})
+
+
+def run_bounded(
+    cmd: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[int | None, str]:
+    """Run a launcher (``torchrun``, ``accelerate launch``) in its own process group, killed at ``timeout``.
+
+    Returns the exit code (``None`` when it was killed) and its output; nothing it started is left behind.
+    """
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+        list(map(str, cmd)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
     )
     try:
         text, _ = proc.communicate(timeout=timeout)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+from optitrainer.torchrun import run_bounded
 
 
 def torchrun(
@@ -30,20 +30,9 @@ def torchrun(
 
 def run_launcher(cmd: list[str], *, timeout: float = 300, env: dict | None = None, check: bool = True):
     """Run a launcher command in its own process group; kill the group if it outlives ``timeout``."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", **(env or {})}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"{cmd[0]} timed out after {timeout}s:\n{out[-4000:]}") from None
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    code, out = run_bounded(cmd, timeout, {"OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", **(env or {})})
+    if code is None:
+        raise AssertionError(f"{cmd[0]} timed out after {timeout}s:\n{out[-4000:]}")
     if check:
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
-    proc.output = out
-    return proc
+        assert code == 0, f"{' '.join(map(str, cmd))} failed ({code}):\n{out[-6000:]}"
+    return SimpleNamespace(returncode=code, output=out)
