@@ -300,3 +300,16 @@ def test_accelerate_deepspeed_config_refused_before_step_1(optim, arguments, acc
     name = f"refuse_{optim}" + ("_plain_args" if arguments == "transformers" else "")
     label = f"{optim} under accelerate's {engine} config ({arguments} arguments)"
     assert_refused(label, engine, *load_ranks(accelerate_runs, name))
+
+
+def test_lomo_fails_under_zero3_without_its_refusal(tmp_path):
+    """Why ``lomo`` is refused under ZeRO: claiming ZeRO-3 anyway, both ranks fail in the first backward,
+    in ZeRO-3's own gradient hook, which finds the gradient LOMO already consumed and freed. If a DeepSpeed
+    release makes this train, the refusal's reason must be measured again."""
+    pytest.importorskip("lomo_optim")
+    torchrun(Path(__file__).with_name("lomo_zero3_probe.py"), tmp_path, nproc=2, timeout=400)
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "losses" not in found, f"rank {rank} trained: {found['losses']}"
+        assert found["error"] == "AttributeError: 'NoneType' object has no attribute 'numel'", found["error"]
+        assert "stage3.py" in found["where"] and "__add_grad_to_ipg_bucket" in found["where"], found["where"]

@@ -43,7 +43,7 @@ FUSED = Capabilities(
         "its updates run in per-parameter gradient hooks, which average each gradient across DDP ranks; "
         "DeepSpeed owns the backward pass and reduces and partitions the gradients itself, after those "
         "hooks: with this refusal bypassed, ZeRO-3's own hook finds the gradient LOMO already consumed and "
-        "freed and fails at the first backward (tools/lomo_zero3_probe.py). LOMO upstream's ZeRO-3 path, "
+        "freed and fails at the first backward (tests/lomo_zero3_probe.py). LOMO upstream's ZeRO-3 path, "
         "which averages each full gradient and updates the rank's slice, runs in its own trainer, outside "
         "transformers' Trainer; FSDP: not implemented"
     ),

@@ -1,39 +1,27 @@
-"""What LOMO does under DeepSpeed ZeRO-3 when optitrainer's refusal is bypassed (a measurement, not a test).
+"""What LOMO does under DeepSpeed ZeRO-3 when optitrainer's refusal is bypassed (launched by
+``tests/test_deepspeed.py::test_lomo_fails_under_zero3_without_its_refusal``).
 
-    python -c "import sys; sys.path.insert(0, 'tests'); from launch import torchrun; \
-        torchrun('tools/lomo_zero3_probe.py', 'outputs/lomo_zero3', timeout=380, check=False)"
+    torchrun --standalone --nproc_per_node 2 tests/lomo_zero3_probe.py OUT
 
 Registers ``lomo_z3_probe``, the ``lomo`` spec claiming ZeRO-3, trains 4 steps on 2 CPU ranks under
-``deepspeed=`` stage 3 (with the two CPU shims of ``tests/ds_train.py``), and writes each rank's outcome to
-``OUT/rank<r>.json``: the losses and how far the weights moved, or the error and where it was raised.
-Measured (deepspeed 0.19.8, torch 2.13 CPU): both ranks fail in the first backward with
-``AttributeError: 'NoneType' object has no attribute 'numel'`` in ZeRO-3's own gradient hook
-(``stage3.py``, ``__add_grad_to_ipg_bucket``): LOMO's hook has already updated the weight and freed its
-gradient. That is why ``lomo`` and ``adalomo`` are refused under every ZeRO stage.
+``deepspeed=`` stage 3 (with the CPU shims of ``deepspeed_on_cpu.py``), and writes each rank's outcome to
+``OUT/rank<r>.json``: the losses, or the error and where it was raised. Measured (deepspeed 0.19.8,
+torch 2.13 CPU): both ranks fail in the first backward with ``AttributeError: 'NoneType' object has no
+attribute 'numel'`` in ZeRO-3's own gradient hook (``stage3.py``, ``__add_grad_to_ipg_bucket``): LOMO's
+hook has already updated the weight and freed its gradient. That is why ``lomo`` and ``adalomo`` are
+refused under every ZeRO stage.
 """
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from accelerate.state import PartialState
+from deepspeed_on_cpu import apply
 
-_prepare_backend = PartialState._prepare_backend
-
-
-def _gloo_on_cpu(self, cpu=False, sagemaker_dp=False, backend=None):
-    backend, distributed_type = _prepare_backend(self, cpu, sagemaker_dp, backend)
-    if backend is None and not cpu and int(os.environ.get("LOCAL_RANK", -1)) != -1:
-        backend = "gloo"
-    return backend, distributed_type
-
-
-PartialState._prepare_backend = _gloo_on_cpu
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+apply()
 
 from optitrainer import OptiTrainer, register  # noqa: E402
 from optitrainer.registry import REGISTRY  # noqa: E402
