@@ -86,8 +86,9 @@ def test_measure_lr_prints_the_range_to_declare(registered, tmp_path, monkeypatc
 
     from optitrainer import cli
     from optitrainer.kit import learning
+    from optitrainer.testing import conformance_cases
 
-    monkeypatch.setattr(learning, "_GRID_REACH", 2)  # two grid steps each way: 0.02, 0.01 and 0.2, 0.5
+    monkeypatch.setattr(learning, "_GRID_REACH", 4)  # four grid steps each way: 0.02 … 0.002, 0.1 … 1
     registered(dataclasses.replace(specs.SGD_MOMENTUM, name="kd_sgd_measured", recommended_lr=0.05))
     assert cli.main(["check", "kd_sgd_measured", "--measure-lr"]) == 0
     out = capsys.readouterr().out
@@ -96,7 +97,14 @@ def test_measure_lr_prints_the_range_to_declare(registered, tmp_path, monkeypatc
         and "declare: OptimizerSpec(..., learning_rate_range=(" in out
     )
     low, high = (float(x) for x in out.split("learning_rate_range=(")[1].split(")")[0].split(", "))
-    assert low <= 0.05 <= high
+    assert {low, high} <= {0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0} and low <= 0.05 <= high
+    assert "; not at " in out  # SGD stops learning inside that reach (the walk found where)
+    # what it printed is what the learns criterion says: both ends learn, the rates named after "not at" do not
+    (case,) = [c for c in conformance_cases(["kd_sgd_measured"]) if c.optim == "kd_sgd_measured"]
+    assert all(learning._run(case, tmp_path / f"end{lr:g}", lr, learning.LONG_STEPS)[0] for lr in (low, high))
+    missed = out.split("; not at ")[1].split("\n")[0].split(" nor ") if "; not at " in out else []
+    for lr in map(float, missed):
+        assert not learning._run(case, tmp_path / f"miss{lr:g}", lr, learning.LONG_STEPS)[0], lr
 
 
 def test_train_eval_modes_must_match_the_optimizer(registered, tmp_path):
