@@ -48,6 +48,10 @@ def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys
     assert [r["layerwise_clipping"] for r in summary["rows"]] == ["auto", "auto", "auto", "hold"]
     first = summary["rows"][0]
     assert first["ratio_1"] == first["ratio_2"] == 1.0
+    # the one-process reference is a plain run: not DDP with one rank (what torchrun's single process got)
+    assert first["wrapped_2"] == "DistributedDataParallel" and first["wrapped_1"] == "LlamaForCausalLM"
+    assert all(r["wrapped_1"] == r["wrapped_2"] == "LlamaForCausalLM" for r in summary["rows"][1:])
+    assert "added per step by 2 ranks, ms: adamw_torch " in out and "(DDP's reducer)" in out
     assert all(r["ms_1"] > 0 and r["ms_2"] > 0 for r in summary["rows"])
     assert set(summary["communication_s"]) == {"per_tensor", "flat", "bucketed"}
     assert "sgd_layerwise clip1 / sgd_layerwise:" in out and "communication alone, 2 ranks" in out
@@ -68,3 +72,17 @@ def test_ddp_mode_refuses_a_typo_before_launching(capsys):
 def test_ddp_mode_needs_two_ranks():
     with pytest.raises(SystemExit):
         bench_main(["--ddp", "1"])
+
+
+def test_the_bucket_timeline_tool_runs_both_loops_and_prints_each_bucket():
+    """tools/ddp_timeline.py: DDP's buckets and the layerwise engine's, sent and arrived, on 2 ranks."""
+    from pathlib import Path
+
+    from optitrainer.torchrun import run_torchrun
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "ddp_timeline.py"
+    code, out = run_torchrun([tool, "--model", "tiny", "--steps", "4", "--timeline"], 2, timeout=300)
+    assert code == 0, out[-3000:]
+    assert "--- adamw_ddp step 2:" in out and "--- layerwise step 2:" in out
+    assert out.count(" sent ") >= 2 and "arrived" in out
+    assert "adamw_ddp:" in out and "layerwise:" in out and "ratio" in out

@@ -1,17 +1,18 @@
 """``optitrainer bench --ddp N``: what each optimizer costs under DDP, contenders taking turns in each rank.
 
-Two ``torchrun`` launches (N ranks over gloo, then one process), each training every contender at once
-in its own thread: the threads take turns step by step (:class:`Turnstile`), in the same order on every
-rank, so their collectives match and the load of the moment hits every contender alike. A step is
-``on_step_begin`` to ``on_step_end`` (forward, backward, averaging, clipping, optimizer step). Then, in
-the same launch, communication alone on the model's gradient shapes: one blocking all-reduce per
-gradient (what a hook that averages its own gradient pays), one flat all-reduce, and the bucketed,
-overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
+Two launches (``torchrun`` with N ranks over gloo, then one plain process), each training every
+contender at once in its own thread: the threads take turns step by step (:class:`Turnstile`), in the
+same order on every rank, so their collectives match and the load of the moment hits every contender
+alike. A step is ``on_step_begin`` to ``on_step_end`` (forward, backward, averaging, clipping, optimizer
+step). Then, in the same launch, communication alone on the model's gradient shapes: one blocking
+all-reduce per gradient (what a hook that averages its own gradient pays), one flat all-reduce, and the
+bucketed, overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
 
-Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``,
-DDP-wrapped), under DDP and on one process; the clipped / unclipped ratio of the layerwise engine, for
-both clipping schemes (``layerwise_clipping``: ``rebuild``, ``hold``); and for the contenders that average
-in their hooks, the bucket memory held, the all-reduces sent and the time waited for averages per step.
+Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``:
+DDP-wrapped under DDP, plain on one process); what the N ranks add to each contender's step; the
+clipped / unclipped ratio of the layerwise engine, for both clipping schemes (``layerwise_clipping``:
+``rebuild``, ``hold``); and for the contenders that average in their hooks, the bucket memory held, the
+all-reduces sent and the time waited for averages per step.
 
     optitrainer bench --ddp 2 --model 8x512
 """
@@ -123,7 +124,9 @@ def _averaging_stats(trainer: Any, steps: int) -> dict[str, float] | None:
     }
 
 
-def _train_all(cfg: dict[str, Any], workdir: str) -> tuple[list[list[float]], list[dict[str, float] | None]]:
+def _train_all(
+    cfg: dict[str, Any], workdir: str
+) -> tuple[list[list[float]], list[dict[str, float] | None], list[str]]:
     from transformers.trainer_callback import PrinterCallback
 
     from .. import OptiTrainer, OptiTrainingArguments
@@ -188,7 +191,11 @@ def _train_all(cfg: dict[str, Any], workdir: str) -> tuple[list[list[float]], li
         thread.join()
     if turnstile.failed is not None:
         raise turnstile.failed
-    return [c.times for c in callbacks], [_averaging_stats(t, cfg["steps"]) for t in trainers]
+    return (
+        [c.times for c in callbacks],
+        [_averaging_stats(t, cfg["steps"]) for t in trainers],
+        [type(t.model_wrapped).__name__ for t in trainers],  # DDP's wrapper, or the model itself
+    )
 
 
 def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: int = 5) -> dict[str, float]:
@@ -243,8 +250,8 @@ def worker(config_path: str) -> None:
 
     release_gloo_workers_at_exit()
     with tempfile.TemporaryDirectory() as workdir:
-        times, averaging = _train_all(cfg, workdir)
-    result: dict[str, Any] = {"step_times_s": times, "averaging": averaging}
+        times, averaging, wrapped = _train_all(cfg, workdir)
+    result: dict[str, Any] = {"step_times_s": times, "averaging": averaging, "wrapped": wrapped}
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -255,17 +262,20 @@ def worker(config_path: str) -> None:
 
 
 def _launch(cfg: dict[str, Any], nproc: int, workdir: Path, timeout: float) -> dict[str, Any]:
-    from ..torchrun import run_torchrun
+    from ..torchrun import run_bounded, run_torchrun
 
     cfg = dict(cfg, result=str(workdir / f"result-{nproc}.json"))
     config_path = workdir / f"config-{nproc}.json"
     config_path.write_text(json.dumps(cfg))
-    code, out = run_torchrun(
-        ["-m", __name__, "--worker", config_path],
-        nproc,
-        timeout,
-        env={"OMP_NUM_THREADS": str(cfg["threads"])},
-    )
+    env = {"OMP_NUM_THREADS": str(cfg["threads"])}
+    worker_args = ["-m", __name__, "--worker", config_path]
+    if nproc > 1:
+        code, out = run_torchrun(worker_args, nproc, timeout, env=env)
+    else:
+        # a plain process, not torchrun's: under torchrun accelerate wraps adamw_torch's model in DDP even
+        # with one rank (transformers' find_unused_parameters=True, a bucket copy and a 1-rank all-reduce
+        # per step: 30 ms more a step here), which is not what a one-process run pays
+        code, out = run_bounded([sys.executable, *worker_args], timeout, env=env)
     if code is None:
         raise RuntimeError(f"the {nproc}-process launch timed out after {timeout:.0f} s:\n{out[-3000:]}")
     if code != 0:
@@ -318,6 +328,7 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
             base = result["step_times_s"][0][ns.warmup_steps :]
             row[f"ms_{n}"] = statistics.median(times) * 1e3
             row[f"ratio_{n}"] = statistics.median(times) / statistics.median(base)
+            row[f"wrapped_{n}"] = result["wrapped"][i]
         row["averaging"] = launches[ns.ddp]["averaging"][i]
         rows.append(row)
     return {"rows": rows, "communication_s": launches[ns.ddp].get("communication_s"), "ranks": ns.ddp}
@@ -338,6 +349,12 @@ def print_report(summary: dict[str, Any]) -> None:
                 f"{r['label']} / {plain['label']}: {r['ms_1'] / plain['ms_1']:.3f} on one process, "
                 f"{r[f'ms_{n}'] / plain[f'ms_{n}']:.3f} under DDP"
             )
+    added = ", ".join(
+        f"{r['label']} {r[f'ms_{n}'] - r['ms_1']:+.1f}"
+        + (" (DDP's reducer)" if r[f"wrapped_{n}"] != r["wrapped_1"] else "")
+        for r in summary["rows"]
+    )
+    print(f"added per step by {n} ranks, ms: {added}")
     for r in summary["rows"]:
         a = r.get("averaging")
         if a:
