@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 CONSTRAINTS ?= constraints/ci.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install test test-compat test-floor test-newest constraints check-all test-distributed-sweep test-bridge-sweep test-bnb-full demo bench bench-gpu lint format clean gpu-wheels gpu-check gpu-check-dry
+.PHONY: install test test-compat test-floor test-newest constraints check-all test-distributed-sweep test-bridge-sweep test-bnb-full demo bench bench-gpu bench-ddp-gpu lint format clean gpu-wheels gpu-check gpu-check-dry
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ bench:
 GPU_OPTIMS ?= adamw_torch,adamw_torch_fused,adafactor,adamw_bnb_8bit,galore_adamw,galore_adamw_layerwise,apollo_adamw,apollo_adamw_layerwise,lomo,adalomo,schedule_free_adamw,grokadamw,stable_adamw
 bench-gpu:
 	$(BIN)/optitrainer bench --model examples/bench/llama-1b.json --dtype bfloat16 --device cuda --optim $(GPU_OPTIMS) --batch-size 4 --seq-len 512 --steps 10 --warmup-steps 3 --mem-steps 2 --baseline transformers --out bench-results/gpu-1b
+
+# on a machine with NGPUS GPUs: bench --ddp's command of docs/benchmarks.md over NCCL, one GPU per rank
+NGPUS ?= 2
+bench-ddp-gpu:
+	$(BIN)/optitrainer bench --ddp $(NGPUS) --device cuda --model 8x512 --batch-size 2 --seq-len 64 --steps 16 --warmup-steps 3 --out bench-results/ddp-gpu
 
 lint:
 	$(BIN)/ruff check .

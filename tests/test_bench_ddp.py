@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from optitrainer.bench import main as bench_main
-from optitrainer.bench.ddp import Turnstile
+from optitrainer.bench.ddp import Turnstile, resolve_device
 
 
 def test_the_turnstile_runs_contenders_round_robin_and_skips_finished_ones():
@@ -51,6 +51,7 @@ def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys
     # the one-process reference is a plain run: not DDP with one rank (what torchrun's single process got)
     assert first["wrapped_2"] == "DistributedDataParallel" and first["wrapped_1"] == "LlamaForCausalLM"
     assert all(r["wrapped_1"] == r["wrapped_2"] == "LlamaForCausalLM" for r in summary["rows"][1:])
+    assert summary["device"] == "cpu" and "2 ranks (gloo on CPU) against one process" in out
     assert "added per step by 2 ranks, ms: adamw_torch " in out and "(DDP's reducer)" in out
     assert all(r["ms_1"] > 0 and r["ms_2"] > 0 for r in summary["rows"])
     assert set(summary["communication_s"]) == {"per_tensor", "flat", "bucketed"}
@@ -67,6 +68,28 @@ def test_ddp_mode_prints_both_launches_ratios_and_communication(tmp_path, capsys
 def test_ddp_mode_refuses_a_typo_before_launching(capsys):
     assert bench_main(["--ddp", "2", "--optim", "adamw_torhc"]) == 2
     assert "adamw_torhc" in capsys.readouterr().out
+
+
+def test_ddp_mode_takes_one_gpu_per_rank_and_falls_back_to_gloo_only_when_asked_auto():
+    assert resolve_device("auto", 2, cuda_devices=2) == "cuda"
+    assert resolve_device("auto", 2, cuda_devices=1) == "cpu"  # two ranks cannot share one GPU under NCCL
+    assert resolve_device("cpu", 2, cuda_devices=8) == "cpu"
+    assert resolve_device("cuda", 4, cuda_devices=4) == "cuda"
+    with pytest.raises(ValueError, match="has 1 CUDA device.*machine with 2 GPUs, or pass --device cpu"):
+        resolve_device("cuda", 2, cuda_devices=1)
+    with pytest.raises(ValueError, match="each rank takes its own GPU"):
+        resolve_device("cuda:1", 2, cuda_devices=2)
+
+
+def test_ddp_mode_on_cuda_without_gpus_is_refused_before_launching(capsys):
+    """This machine has no GPU: --device cuda says how many it has and what to run instead."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with CUDA devices")
+    assert bench_main(["--ddp", "2", "--device", "cuda"]) == 2
+    out = capsys.readouterr().out
+    assert "has 0 CUDA device(s)" in out and "--device cpu" in out
 
 
 def test_ddp_mode_needs_two_ranks():

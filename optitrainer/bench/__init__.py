@@ -103,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="instead: one torchrun launch of N ranks (gloo) and one of a single process, the contenders "
+        help="instead: one torchrun launch of N ranks (gloo on CPU; NCCL, one GPU per rank, with --device cuda "
+        "or auto on a machine with N GPUs) and one of a single process, the contenders "
         "(--optim name[:max_grad_norm],...; default adamw_torch, adamw_torch_layerwise, lomo, "
         "adamw_torch_layerwise:1) stepping in turn in each rank; prints ratios to the first and "
         "communication alone",

@@ -1,12 +1,16 @@
 """``optitrainer bench --ddp N``: what each optimizer costs under DDP, contenders taking turns in each rank.
 
-Two launches (``torchrun`` with N ranks over gloo, then one plain process), each training every
+Two launches (``torchrun`` with N ranks, then one plain process), each training every
 contender at once in its own thread: the threads take turns step by step (:class:`Turnstile`), in the
 same order on every rank, so their collectives match and the load of the moment hits every contender
 alike. A step is ``on_step_begin`` to ``on_step_end`` (forward, backward, averaging, clipping, optimizer
 step). Then, in the same launch, communication alone on the model's gradient shapes: one blocking
 all-reduce per gradient (what a hook that averages its own gradient pays), one flat all-reduce, and the
 bucketed, overlapped averaging of :class:`~optitrainer.data_parallel.BucketedAverager`.
+
+On CPU the ranks talk over gloo; with ``--device cuda`` (or ``auto`` on a machine with at least N GPUs)
+each rank trains on its own GPU and the ranks talk over NCCL, and a step's time is taken after
+``torch.cuda.synchronize()``.
 
 Printed: each contender's median step time and its ratio to the first contender (``adamw_torch``:
 DDP-wrapped under DDP, plain on one process); what the N ranks add to each contender's step; the
@@ -81,7 +85,34 @@ class Turnstile:
             self._cond.notify_all()
 
 
-def _turn_callback(turnstile: Turnstile, index: int, ready: threading.Event):
+def resolve_device(requested: str, nproc: int, cuda_devices: int) -> str:
+    """``cpu`` or ``cuda`` for ``--device`` (``auto``, ``cpu``, ``cuda``) with ``nproc`` ranks, one GPU each."""
+    if requested == "cpu":
+        return "cpu"
+    if requested == "auto":
+        return "cuda" if cuda_devices >= nproc else "cpu"
+    if requested != "cuda":
+        raise ValueError(
+            f"--device {requested} with --ddp: each rank takes its own GPU; pass cuda, cpu or auto"
+        )
+    if cuda_devices < nproc:
+        raise ValueError(
+            f"--device cuda with --ddp {nproc}: this machine has {cuda_devices} CUDA device(s), one per rank "
+            f"is needed (NCCL refuses two ranks on one GPU); run on a machine with {nproc} GPUs, or pass "
+            "--device cpu (gloo)"
+        )
+    return "cuda"
+
+
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a step's time is its own (no-op on CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _turn_callback(turnstile: Turnstile, index: int, ready: threading.Event, device: str):
     from transformers import TrainerCallback
 
     class TakeTurns(TrainerCallback):
@@ -99,9 +130,11 @@ def _turn_callback(turnstile: Turnstile, index: int, ready: threading.Event):
                 ready.set()  # set up (its collectives done): the next contender may set up
             turnstile.wait(index)
             self._holding = True
+            _synchronize(device)
             self._t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
+            _synchronize(device)
             self.times.append(time.perf_counter() - self._t0)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -127,6 +160,7 @@ def _averaging_stats(trainer: Any, steps: int) -> dict[str, float] | None:
 def _train_all(
     cfg: dict[str, Any], workdir: str
 ) -> tuple[list[list[float]], list[dict[str, float] | None], list[str]]:
+    import torch
     from transformers.trainer_callback import PrinterCallback
 
     from .. import OptiTrainer, OptiTrainingArguments
@@ -135,6 +169,8 @@ def _train_all(
     from . import models
 
     contenders = cfg["contenders"]
+    device = cfg["device"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     turnstile = Turnstile(len(contenders))
     callbacks, threads, trainers = [], [], []
     for i, (label, optim, clip, clipping) in enumerate(contenders):
@@ -155,19 +191,21 @@ def _train_all(
             seed=cfg["seed"],
             disable_tqdm=True,
             dataloader_num_workers=0,
-            use_cpu=True,
-            ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+            use_cpu=device == "cpu",
+            ddp_backend=("gloo" if device == "cpu" else "nccl") if world_size > 1 else None,
             ddp_bucket_cap_mb=cfg["bucket_cap_mb"],
         )
-        n = cfg["steps"] * cfg["batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
+        n = cfg["steps"] * cfg["batch_size"] * world_size
         data = SyntheticLMDataset(n=n, seq_len=cfg["seq_len"], vocab_size=models.vocab_size(model), seed=1)
         ready = threading.Event()
-        callback = _turn_callback(turnstile, i, ready)
+        callback = _turn_callback(turnstile, i, ready, device)
         trainer = OptiTrainer(model=model, args=args, train_dataset=data, callbacks=[callback])
         trainer.remove_callback(PrinterCallback)
 
         def train(trainer=trainer, ready=ready, label=label) -> None:
             try:
+                if device == "cuda":  # the current CUDA device is per thread: this rank's, not GPU 0
+                    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
                 trainer.train()
             except BaseException as exc:  # noqa: BLE001 - reported by the main thread
                 failure = RuntimeError(f"contender {label!r} failed: {type(exc).__name__}: {exc}")
@@ -198,7 +236,9 @@ def _train_all(
     )
 
 
-def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: int = 5) -> dict[str, float]:
+def _communication(
+    model_spec: str, seed: int, bucket_cap_mb: float, device: str, repeats: int = 5
+) -> dict[str, float]:
     """Median seconds to average the model's gradients: per tensor (blocking), flat, bucketed."""
     import torch
     import torch.distributed as dist
@@ -210,7 +250,7 @@ def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: in
     shapes = [p.shape for p in model.parameters()]
     del model
     world = dist.get_world_size()
-    grads = [torch.randn(s) for s in shapes]
+    grads = [torch.randn(s, device=device) for s in shapes]
 
     def per_tensor() -> None:
         for g in grads:
@@ -232,9 +272,11 @@ def _communication(model_spec: str, seed: int, bucket_cap_mb: float, repeats: in
     for name, fn in (("per_tensor", per_tensor), ("flat", flat), ("bucketed", bucketed)):
         times = []
         for _ in range(repeats):
+            _synchronize(device)
             dist.barrier()
             t0 = time.perf_counter()
             fn()
+            _synchronize(device)
             times.append(time.perf_counter() - t0)
         out[name] = statistics.median(times)
     return out
@@ -246,6 +288,8 @@ def worker(config_path: str) -> None:
 
     cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(cfg["threads"])
+    if cfg["device"] == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from .. import release_gloo_workers_at_exit
 
     release_gloo_workers_at_exit()
@@ -255,7 +299,9 @@ def worker(config_path: str) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        result["communication_s"] = _communication(cfg["model"], cfg["seed"], cfg["bucket_cap_mb"])
+        result["communication_s"] = _communication(
+            cfg["model"], cfg["seed"], cfg["bucket_cap_mb"], cfg["device"]
+        )
         result["world_size"] = dist.get_world_size()
     if int(os.environ.get("RANK", "0")) == 0:
         Path(cfg["result"]).write_text(json.dumps(result))
@@ -300,9 +346,12 @@ def _parse_contenders(text: str | None) -> list[tuple[str, str, float, str]]:
 
 def measure(ns: argparse.Namespace) -> dict[str, Any]:
     """Both launches (``ns.ddp`` ranks, then one process); medians and ratios."""
+    import torch
+
     from ..arguments import LAYERWISE_CLIPPING
     from ..registry import REGISTRY
 
+    device = resolve_device(ns.device, ns.ddp, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     contenders = _parse_contenders(ns.optim)
     for _, optim, _, scheme in contenders:
         REGISTRY.resolve(optim)  # a typo fails before anything launches
@@ -317,6 +366,7 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
         "seq_len": ns.seq_len,
         "threads": ns.threads or 1,
         "bucket_cap_mb": ns.bucket_cap_mb,
+        "device": device,
     }
     with tempfile.TemporaryDirectory() as tmp:
         launches = {n: _launch(cfg, n, Path(tmp), ns.timeout or 1800) for n in (ns.ddp, 1)}
@@ -331,11 +381,18 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
             row[f"wrapped_{n}"] = result["wrapped"][i]
         row["averaging"] = launches[ns.ddp]["averaging"][i]
         rows.append(row)
-    return {"rows": rows, "communication_s": launches[ns.ddp].get("communication_s"), "ranks": ns.ddp}
+    return {
+        "rows": rows,
+        "communication_s": launches[ns.ddp].get("communication_s"),
+        "ranks": ns.ddp,
+        "device": device,
+    }
 
 
 def print_report(summary: dict[str, Any]) -> None:
     n = summary["ranks"]
+    backend = "NCCL, one GPU per rank" if summary.get("device") == "cuda" else "gloo on CPU"
+    print(f"{n} ranks ({backend}) against one process")
     print(f"{'contender':32} {'1 proc ms':>10} {'x first':>8} {f'{n} ranks ms':>11} {'x first':>8}")
     for r in summary["rows"]:
         print(
