@@ -70,7 +70,7 @@ def test_ddp_mode_refuses_a_typo_before_launching(capsys):
     assert "adamw_torhc" in capsys.readouterr().out
 
 
-def test_ddp_mode_takes_one_gpu_per_rank_and_falls_back_to_gloo_only_when_asked_auto():
+def test_ddp_mode_runs_on_gpus_only_with_one_gpu_per_rank():
     assert resolve_device("auto", 2, cuda_devices=2) == "cuda"
     assert resolve_device("auto", 2, cuda_devices=1) == "cpu"  # two ranks cannot share one GPU under NCCL
     assert resolve_device("cpu", 2, cuda_devices=8) == "cpu"
