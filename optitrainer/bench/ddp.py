@@ -351,7 +351,7 @@ def measure(ns: argparse.Namespace) -> dict[str, Any]:
     from ..arguments import LAYERWISE_CLIPPING
     from ..registry import REGISTRY
 
-    device = resolve_device(ns.device, ns.ddp, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    device = resolve_device(ns.device, ns.ddp, torch.cuda.device_count())  # 0 without CUDA
     contenders = _parse_contenders(ns.optim)
     for _, optim, _, scheme in contenders:
         REGISTRY.resolve(optim)  # a typo fails before anything launches
